@@ -1,0 +1,39 @@
+# RSM Bench — every target that runs code depends on `setup`, so one command works on a fresh clone.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+SCALE       ?= tiny
+MODE        ?= trained
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-slow lint fig-toy clean-venv
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv, install $(TORCH_SPEC) then this package (idempotent)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup  ## the fast suite (< 10 min on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: setup  ## the tests marked slow
+	$(PY) -m pytest -q -m slow
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fig-toy: setup  ## toy value-gradient-estimator figure (SCALE=smoke|tiny|paper, MODE=trained|oracle)
+	$(PY) -m experiments.fig_toy --scale $(SCALE) --mode $(MODE)
+
+clean-venv:  ## remove the virtual environment
+	rm -rf $(VENV)

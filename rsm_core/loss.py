@@ -1,0 +1,118 @@
+"""The canonical RSM loss (theory spec §2.3-2.4) and the trust-region realisations.
+
+Per transition, with every coefficient a stop-gradient constant,
+
+    L = C1 (||s_theta - (s_ref + gamma Psi)||^2 + C2 ||s_theta - s_old||^2)           (nested, Eq. 10)
+
+is stored as the products C1, G = C1 gamma Psi (a vector) and P = C1 C2 (a scalar), because Psi and
+C2 are singular at alpha = 0 while the products are not. Dropping theta-free constants,
+
+    l = C1 ||s_theta - s_ref||^2 - 2 <G, s_theta - s_ref> + P ||s_theta - s_old||^2,
+    grad l = 2 J^T [C1 (s_theta - s_ref) - G + P (s_theta - s_old)].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rsm_core.flows import per_sample
+from rsm_core.kernels import reduce_per_sample
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Per-sample C1 (B,), G (B, *D) and P (B,) of the canonical loss."""
+
+    c1: Tensor
+    g: Tensor
+    p: Tensor
+
+    @classmethod
+    def from_nested(cls, c1: Tensor, gamma: Tensor, psi: Tensor, c2: Tensor) -> Coefficients:
+        """C1, gamma, Psi_hat, C2 of Eq. 10 -> the product form (defined only for finite Psi, C2)."""
+        return cls(c1, per_sample(c1 * gamma, psi) * psi, c1 * c2)
+
+
+def rsm_loss(s_theta: Tensor, s_ref: Tensor, s_old: Tensor, coef: Coefficients) -> Tensor:
+    """Per-sample canonical loss in product form; s_ref, s_old and the coefficients carry no gradient."""
+    to_ref = s_theta - s_ref.detach()
+    to_old = s_theta - s_old.detach()
+    c1, p = per_sample(coef.c1, s_theta).detach(), per_sample(coef.p, s_theta).detach()
+    per_element = c1 * to_ref**2 - 2 * coef.g.detach() * to_ref + p * to_old**2
+    return reduce_per_sample(per_element, "sum")
+
+
+def rsm_loss_nested(
+    s_theta: Tensor, s_ref: Tensor, s_old: Tensor, c1: Tensor, gamma: Tensor, psi: Tensor, c2: Tensor
+) -> Tensor:
+    """Eq. 10 as written: C1 (||s_theta - s_ref - gamma Psi||^2 + C2 ||s_theta - s_old||^2)."""
+    target = s_ref.detach() + per_sample(gamma, psi) * psi.detach()
+    guided = reduce_per_sample((s_theta - target) ** 2, "sum")
+    anchor = reduce_per_sample((s_theta - s_old.detach()) ** 2, "sum")
+    return c1 * (guided + c2 * anchor)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trust regions on the policy-gradient surrogate. Each returns the per-sample loss and the mask of
+# samples whose unclipped branch is selected (the only ones with a gradient through the ratio).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    loss: Tensor  # (B,)
+    active: Tensor  # (B,) bool
+
+
+def _active(adv: Tensor, value: Tensor, low: float, high: float) -> Tensor:
+    return ~(((adv > 0) & (value > high)) | ((adv < 0) & (value < low)))
+
+
+def clipped_ratio(log_ratio: Tensor, adv: Tensor, clip_range: float) -> Surrogate:
+    """PPO / GRPO: max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(log rho)."""
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(-adv * ratio, -adv * clipped)
+    return Surrogate(loss, _active(adv, ratio, 1 - clip_range, 1 + clip_range))
+
+
+def clipped_log_ratio(log_ratio: Tensor, adv: Tensor, clip_range: float) -> Surrogate:
+    """PCPO-base: max(-A (1 + log rho), -A clip(1 + log rho, 1 - eps, 1 + eps))."""
+    value = 1 + log_ratio
+    clipped = value.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(-adv * value, -adv * clipped)
+    return Surrogate(loss, _active(adv, value, 1 - clip_range, 1 + clip_range))
+
+
+def matching(log_ratio: Tensor, adv: Tensor, clip_range: float) -> Surrogate:
+    """RSM "matching": max(eps |A| - A log rho, 0); same gradients as ``clipped_log_ratio``."""
+    margin = clip_range * adv.abs() - adv * log_ratio
+    return Surrogate(torch.clamp(margin, min=0), margin > 0)
+
+
+def fair_clip(
+    log_ratio: Tensor,
+    adv: Tensor,
+    clip_range: float,
+    step_scale: Tensor,
+    gamma: Tensor | float = 1.0,
+    form: str = "ratio",
+) -> Surrogate:
+    """Fair clipping (Eq. 24): clip in mean-shift units lambda_t log rho, weight gamma_t / lambda_t outside.
+
+    lambda_t = nu_t^2 makes the clip width independent of the step's noise; gamma_t = 1 is
+    ``fair_clip``, gamma_t = nu_t / delta_t the published GenEval run (``fair_clip2``).
+    """
+    objectives = {"ratio": clipped_ratio, "matching": matching}
+    if form not in objectives:
+        raise ValueError(f"unknown fair-clip form {form!r}; choose one of {sorted(objectives)}")
+    inner = objectives[form](step_scale * log_ratio, adv, clip_range)
+    return Surrogate(gamma / step_scale * inner.loss, inner.active)
+
+
+def quadratic_anchor(s_theta: Tensor, s_old: Tensor, weight: Tensor) -> Tensor:
+    """The quadratic trust region P ||s_theta - s_old||^2 (the P term of the canonical loss alone)."""
+    return weight * reduce_per_sample((s_theta - s_old.detach()) ** 2, "sum")
