@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint fig-toy clean-venv
+.PHONY: help setup test test-slow lint fig-toy toy-assets clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,3 +37,6 @@ fig-toy: setup  ## toy value-gradient-estimator figure (SCALE=smoke|tiny|paper, 
 
 clean-venv:  ## remove the virtual environment
 	rm -rf $(VENV)
+
+toy-assets: setup  ## retrain the toy's shipped denoisers with the paper's settings (~12 min)
+	$(PY) -m experiments.toy_assets

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rsm_core.toy.mixture import NUM_TIMESTEPS
+from rsm_core.toy.mixture import NUM_TIMESTEPS, UnitMixture, reward_gradient, toy_alphas_cumprod
 
 
 class ToyDenoiser(nn.Module):
@@ -37,6 +37,30 @@ class ToyDenoiser(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor | int) -> Tensor:
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
         return self.body(self.inp(x) + self.time(timestep))
+
+
+def train_pair(
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: Callable[[str, int, float], None] | None = None,
+) -> dict[str, ToyDenoiser]:
+    """The "ft" (on p*) and "base" (on p_ref) denoisers, with the same settings and seeds."""
+    reference = UnitMixture.reference()
+    data = {"ft": reference.tilted(reward_gradient()), "base": reference}
+    return {
+        name: train_denoiser(
+            mixture.sample,
+            toy_alphas_cumprod(),
+            iterations=iterations,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=(lambda s, loss, n=name: progress(n, s, loss)) if progress else None,
+        )
+        for name, mixture in data.items()
+    }
 
 
 def train_denoiser(
@@ -67,5 +91,5 @@ def train_denoiser(
         loss.backward()
         optimizer.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     return model.eval()

@@ -1,0 +1,275 @@
+"""A run is a directory: config.yaml, env.json, metrics.jsonl, status.json, checkpoints.
+
+Rules that keep results trustworthy: a run directory is created exclusively (never reused or
+overwritten); every whole-file write is atomic (temp file, fsync, rename); status.json says
+"running" until ``finish`` marks it "complete" (or "failed"), and readers refuse incomplete runs by
+default. wandb mirrors the run (offline unless WANDB_MODE says otherwise) but is never the source
+of truth, and a wandb failure never stops a run. Environment variables are never recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rsm_core.config import config_to_dict, to_yaml
+
+PACKAGES = (
+    "torch",
+    "numpy",
+    "diffusers",
+    "peft",
+    "accelerate",
+    "transformers",
+    "wandb",
+    "omegaconf",
+    "safetensors",
+)
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already exists; runs are never overwritten."""
+
+
+class IncompleteRunError(RuntimeError):
+    """A reader was pointed at a run that did not finish."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors written atomically (a crash leaves the previous file or none, never half a file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment snapshot
+# ------------------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    """Code version, package versions, threads and device — and deliberately no environment variables."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    dirty = _git("status", "--porcelain")
+    return {
+        "git_sha": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": None if dirty is None else bool(dirty),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_devices": torch.cuda.device_count(),
+        "argv": sys.argv,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+class RunRecord:
+    """One run's directory; use ``RunRecord.create`` (exclusive) and close with ``finish``."""
+
+    def __init__(self, path: Path, config_dict: dict, wandb_run: Any = None) -> None:
+        self.path = path
+        self.config = config_dict
+        self._wandb = wandb_run
+
+    @classmethod
+    def create(cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto") -> RunRecord:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / name
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise RunExistsError(
+                f"run directory {path} already exists and runs are never overwritten: choose another name "
+                f"(--name), or delete that directory if you no longer need it"
+            ) from None
+        config_dict = config_to_dict(config) if not isinstance(config, dict) else config
+        atomic_write_text(
+            path / "config.yaml",
+            to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2),
+        )
+        atomic_write_text(path / "env.json", json.dumps(environment(), indent=2) + "\n")
+        atomic_write_text(path / "status.json", json.dumps({"state": "running"}) + "\n")
+        (path / "metrics.jsonl").touch()
+        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one row to metrics.jsonl (flushed and fsynced) and mirror it to wandb."""
+        clean = {k: _jsonable(v) for k, v in row.items()}
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._wandb is not None:
+            try:
+                self._wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float | bool)})
+            except Exception as error:  # the mirror must never kill the run
+                self._drop_wandb(error)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        target = self.path / name
+        save_tensors_atomic(target, tensors)
+        return target
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        self._set_status({"state": "complete", **(summary or {})})
+        self._close_wandb()
+
+    def fail(self, error: BaseException) -> None:
+        self._set_status({"state": "failed", "error": f"{type(error).__name__}: {error}"})
+        self._close_wandb()
+
+    def __enter__(self) -> RunRecord:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.fail(exc)
+
+    def _set_status(self, status: dict[str, Any]) -> None:
+        status["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(self.path / "status.json", json.dumps(status, indent=2) + "\n")
+
+    def _drop_wandb(self, error: Exception) -> None:
+        warnings.warn(
+            f"wandb mirror disabled after an error ({error}); metrics.jsonl is unaffected", stacklevel=3
+        )
+        self._wandb = None
+
+    def _close_wandb(self) -> None:
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as error:
+                self._drop_wandb(error)
+            self._wandb = None
+
+    @staticmethod
+    def is_complete(path: Path) -> bool:
+        status = Path(path) / "status.json"
+        return status.exists() and json.loads(status.read_text()).get("state") == "complete"
+
+
+def read_metrics(path: Path, *, allow_incomplete: bool = False) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl; an unfinished or failed run is refused unless allowed."""
+    path = Path(path)
+    if not (path / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{path} is not a run directory (no metrics.jsonl)")
+    if not allow_incomplete and not RunRecord.is_complete(path):
+        state = (
+            json.loads((path / "status.json").read_text()).get("state")
+            if (path / "status.json").exists()
+            else "?"
+        )
+        raise IncompleteRunError(
+            f"run {path} is not complete (state: {state}); its metrics may be partial. "
+            "Rerun it, or pass allow_incomplete=True to read what it logged."
+        )
+    with open(path / "metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _start_wandb(path: Path, name: str, config: dict, wanted: bool | str) -> Any:
+    """A wandb run mirroring this one, or None (disabled, not installed, or failed to start)."""
+    if wanted is False:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        if wanted is True:
+            warnings.warn("wandb is not installed; running without the mirror", stacklevel=3)
+        return None
+    directory = path / "wandb"
+    directory.mkdir(exist_ok=True)
+    try:
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "rsm-bench"),
+            name=name,
+            config=config,
+            dir=str(directory),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+    except Exception as error:
+        warnings.warn(f"wandb did not start ({error}); running without the mirror", stacklevel=3)
+        return None
