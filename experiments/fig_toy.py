@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         with tqdm(total=len(STAGES), desc="toy estimators", unit="stage") as bar:
 
             def progress(stage: str) -> None:
+                bar.n = STAGES.index(stage)  # stages finished so far
                 bar.set_postfix_str(stage)
-                if stage != STAGES[0]:
-                    bar.update(1)
 
             rows = study.rows(study.run(progress))
-            bar.update(1)
+            bar.n = len(STAGES)
+            bar.refresh()
         for row in rows:
             run.log(row)
         seconds = time.perf_counter() - started

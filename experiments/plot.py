@@ -54,10 +54,12 @@ def plot_fig_toy(frame: pd.DataFrame, out_stem: Path, title: str = "") -> list[P
         ax.set_xlabel("NFE per estimate")
         target = "own large-N estimate" if (rows["target"] == "own-reference").any() else "soft ground truth"
         ax.set_ylabel(f"RMSE vs {target}" if panel == "c-iii" else "RMSE vs soft ground truth")
-        ax.set_ylim(bottom=0)
-        if not sampled.empty:
-            top = sampled["rmse"].quantile(0.95)
-            ax.set_ylim(0, max(top, rows["rmse"].min()) * 1.15 if math.isfinite(top) else None)
+        # the worst few small-N points may leave the frame; the reference lines always stay in it
+        top = max(
+            sampled["rmse"].quantile(0.95) if not sampled.empty else 0.0,
+            rows.loc[rows["sample_free"].astype(bool), "rmse"].max() if rows["sample_free"].any() else 0.0,
+        )
+        ax.set_ylim(0, top * 1.15 if math.isfinite(top) and top > 0 else None)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
