@@ -39,7 +39,8 @@ def lookahead_scale(kernel: Kernel, alpha: float = 1.0) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _group_mean(values: Tensor, group_ids: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+def _group_sum(values: Tensor, group_ids: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-row sum of its group's values and the group's size."""
     counts = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(
         0, group_ids, torch.ones_like(values)
     )
@@ -67,7 +68,7 @@ def advantages(
     if group_ids is None:
         group_ids = torch.zeros_like(rewards, dtype=torch.long)
     groups = int(group_ids.max()) + 1
-    sums, counts = _group_mean(rewards, group_ids, groups)
+    sums, counts = _group_sum(rewards, group_ids, groups)
     if center == "none":
         centered = rewards
     elif center == "mean":
@@ -78,14 +79,14 @@ def advantages(
         centered = rewards - (sums - rewards) / (counts - 1)
     else:
         raise ValueError(f"unknown centring {center!r}; choose 'none', 'mean' or 'leave-one-out'")
+    if scale not in ("none", "std", "mad"):
+        raise ValueError(f"unknown scaling {scale!r}; choose 'none', 'std' or 'mad'")
     if scale != "none":
         deviation = rewards - sums / counts
         spread = deviation**2 if scale == "std" else deviation.abs()
-        if scale not in ("std", "mad"):
-            raise ValueError(f"unknown scaling {scale!r}; choose 'none', 'std' or 'mad'")
-        spread_mean, _ = _group_mean(spread, group_ids, groups)
-        spread_mean = spread_mean / counts
-        centered = centered / ((spread_mean.sqrt() if scale == "std" else spread_mean) + eps)
+        spread_sum, _ = _group_sum(spread, group_ids, groups)
+        mean_spread = spread_sum / counts
+        centered = centered / ((mean_spread.sqrt() if scale == "std" else mean_spread) + eps)
     return centered.clamp(-clip, clip) if clip is not None else centered
 
 
