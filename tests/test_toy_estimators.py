@@ -178,3 +178,33 @@ def test_chain_rejects_a_lookahead_past_its_end() -> None:
     with pytest.raises(ValueError, match="leaves the 39-step chain"):
         est.zeroth_order_particles(s.chain(), s.x_t, 0, depth=40, width=2, reward=reward)
     assert isinstance(s.chain(), Chain)
+
+
+@pytest.mark.slow
+def test_large_sample_errors_match_the_spec_numbers() -> None:
+    """§8.2 / §8.4 on 50 points at N = 2^18: Z1 vs H ~ 0.005 and vs GT ~ 0.074; the entropy-augmented
+    return vs GT ~ 0.007 (the spec's numbers are from one draw; +-30 % as it suggests, wider for the
+    seed-dependent small ones)."""
+    s = study(50, seed=3)
+    width = 1 << 18
+    plain, soft = [], []
+    for p in range(s.s.points):
+        particles = est.zeroth_order_particles(
+            s.chain(),
+            s.x_t[p : p + 1],
+            0,
+            depth=None,
+            width=width,
+            reward=reward,
+            generator=torch.Generator().manual_seed(p),
+            reference=lambda x, i: oracle(REFERENCE)(x, s.timesteps[i]),
+        )
+        plain.append(
+            est.zeroth_order_estimate(particles.rewards, particles.noise, particles.nu, particles.scale)
+        )
+        soft_rewards = est.entropy_augmented_return(particles.rewards, particles.path_kl, 1.0)
+        soft.append(est.zeroth_order_estimate(soft_rewards, particles.noise, particles.nu, particles.scale))
+    plain, soft = torch.cat(plain), torch.cat(soft)
+    assert point_rmse(plain, s.hard_target) == pytest.approx(0.005, rel=0.5)
+    assert point_rmse(plain, s.soft_target) == pytest.approx(0.074, rel=0.3)
+    assert point_rmse(soft, s.soft_target) == pytest.approx(0.007, rel=0.5)
