@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -12,21 +11,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rsm_core.records import git
 from rsm_core.toy.assets import ASSET_DIR, TrainSettings, save_denoisers
 from rsm_core.toy.denoiser import train_pair
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         settings,
         args.out,
         command=" ".join(["python -m experiments.toy_assets", *sys.argv[1:]]),
-        git_sha=git_sha(),
+        git_sha=git("rev-parse", "HEAD") or "unknown",
         train_seconds=round(seconds, 1),
         threads=torch.get_num_threads(),
         final_loss={k: round(v, 5) for k, v in final.items()},

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rsm_core.flows import per_sample
 from rsm_core.kernels import Kernel
 from rsm_core.rollout import Chain, NativeFn, ShareFn, rollout
 
@@ -162,12 +163,7 @@ def zeroth_order_estimate(
     adv = advantages(rewards.reshape(-1), group_ids, center=center).reshape(points, width)
     adv = adv.reshape(points, width, *([1] * (noise.ndim - 2)))
     signal = (adv * noise).mean(dim=1)
-    return _per_point(scale / nu, signal) * signal
-
-
-def _per_point(coef: Tensor, like: Tensor) -> Tensor:
-    coef = torch.as_tensor(coef, dtype=like.dtype, device=like.device)
-    return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim == 1 else coef
+    return per_sample(scale / nu, signal) * signal
 
 
 # ------------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
+def git(*args: str) -> str | None:
+    """Output of a git command run in this package's checkout, or None without git or a repository."""
     try:
         result = subprocess.run(
             ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent
@@ -114,9 +115,9 @@ def environment() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    dirty = _git("status", "--porcelain")
+    dirty = git("status", "--porcelain")
     return {
-        "git_sha": _git("rev-parse", "HEAD") or "unknown",
+        "git_sha": git("rev-parse", "HEAD") or "unknown",
         "git_dirty": None if dirty is None else bool(dirty),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

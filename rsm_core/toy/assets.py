@@ -12,8 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
+from rsm_core.records import atomic_write_text, load_tensors, save_tensors_atomic
 from rsm_core.toy.denoiser import ToyDenoiser
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -45,12 +44,10 @@ def save_denoisers(
     files = {}
     for name, model in models.items():
         path = directory / f"denoiser_{name}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+        save_tensors_atomic(path, model.state_dict())
         files[name] = {"file": path.name, "sha256": sha256(path)}
     manifest = {"train": asdict(settings), "models": files, **provenance}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return directory / MANIFEST
 
 
@@ -73,6 +70,6 @@ def load_denoisers(settings: TrainSettings, directory: Path = ASSET_DIR) -> dict
         if not path.exists() or sha256(path) != entry["sha256"]:
             raise AssetError(f"{path} is missing or its sha256 differs from {manifest_path}; {fix}")
         model = ToyDenoiser()
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(load_tensors(path))
         models[name] = model.eval()
     return models
