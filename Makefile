@@ -4,6 +4,7 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 SCALE       ?= tiny
 MODE        ?= trained
+ARGS        ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
@@ -32,11 +33,11 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-fig-toy: setup  ## toy value-gradient-estimator figure (SCALE=smoke|tiny|paper, MODE=trained|oracle)
-	$(PY) -m experiments.fig_toy --scale $(SCALE) --mode $(MODE)
+fig-toy: setup  ## toy estimator figure (SCALE=smoke|tiny|paper, MODE=trained|oracle, ARGS="--set k=v")
+	$(PY) -m experiments.fig_toy --scale $(SCALE) --mode $(MODE) $(ARGS)
 
 clean-venv:  ## remove the virtual environment
 	rm -rf $(VENV)
 
-toy-assets: setup  ## retrain the toy's shipped denoisers with the paper's settings (~12 min)
+toy-assets: setup  ## retrain the toy's shipped denoisers with the paper's settings (~8 min)
 	$(PY) -m experiments.toy_assets

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from experiments.cli import run
 from experiments.fig_toy_config import FigToyConfig, Mode
 from experiments.plot import plot_fig_toy, toy_frame
 from rsm_core.config import load_config
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

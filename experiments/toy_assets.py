@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from experiments.cli import run
 from rsm_core.records import git
 from rsm_core.toy.assets import ASSET_DIR, TrainSettings, save_denoisers
 from rsm_core.toy.denoiser import train_pair
@@ -50,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

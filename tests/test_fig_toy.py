@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -129,3 +131,25 @@ def test_training_reduces_the_denoising_loss_and_round_trips(tmp_path: Path) -> 
     for name, model in models.items():
         assert isinstance(loaded[name], ToyDenoiser)
         torch.testing.assert_close(loaded[name](x, 10), model(x, 10), rtol=0, atol=0)
+
+
+def test_command_line_reports_user_errors_in_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.fig_toy",
+            "--scale",
+            "smoke",
+            "--set",
+            "pionts=2",
+            "--runs-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: unknown config key 'pionts'")
+    assert "Traceback" not in result.stderr

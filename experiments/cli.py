@@ -1,0 +1,20 @@
+"""Command-line entry: a user's mistake (bad key, missing file, existing run) prints one clear line,
+not a traceback; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from rsm_core.config import ConfigError
+from rsm_core.records import IncompleteRunError, RunExistsError
+from rsm_core.toy.assets import AssetError
+
+USER_ERRORS = (ConfigError, RunExistsError, IncompleteRunError, AssetError, FileNotFoundError)
+
+
+def run(main: Callable[[list[str] | None], None]) -> None:
+    try:
+        main(None)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
