@@ -152,6 +152,10 @@ class TimePoint:
         alpha, sigma = rf_coefficients(torch.as_tensor(t, dtype=torch.float64))
         return cls("v", alpha, sigma)
 
+    def select(self, index: Tensor) -> TimePoint:
+        """The points at ``index`` of a grid stored as one (N,) point (e.g. random steps of a schedule)."""
+        return TimePoint(self.prediction, self.alpha[index], self.sigma[index])
+
     @property
     def kappa(self) -> Tensor:
         """-1/sigma_t for eps; -(1 - t)/t for velocity (theory spec Eq. 126-127)."""

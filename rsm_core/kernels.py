@@ -108,6 +108,17 @@ class Kernel:
         w = per_sample(self.w, diff)
         return reduce_per_sample(0.5 * (w * diff) ** 2, reduction)
 
+    def select(self, index: Tensor) -> Kernel:
+        """The kernels at ``index`` of a grid stored as one kernel with (N,) coefficients."""
+        return Kernel(
+            self.point.select(index),
+            self.prev.select(index),
+            self.x_coef[index],
+            self.f_coef[index],
+            self.nu[index],
+            name=self.name,
+        )
+
     def deterministic(self) -> Kernel:
         """The ODE step over the same interval (what stochasticity localisation turns a step into)."""
         return ode(self.point, self.prev)
@@ -124,20 +135,47 @@ class Kernel:
 # ------------------------------------------------------------------------------------------------
 
 
-def ddim(abar: Tensor | float, abar_prev: Tensor | float, eta: float = 1.0) -> Kernel:
-    """DDIM(eta) on VP: nu^2 = eta^2 (1 - abar')/(1 - abar) (1 - abar/abar'); eta = 1 is DDPM."""
+def ddpm_std(abar: Tensor | float, abar_prev: Tensor | float) -> Tensor:
+    """The DDPM posterior std sqrt((1 - abar')/(1 - abar) (1 - abar/abar')) (DDIM at eta = 1)."""
     abar, abar_prev = _t(abar), _t(abar_prev)
-    var = eta**2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    return ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+
+
+def ddim_with_std(abar: Tensor | float, abar_prev: Tensor | float, nu: Tensor | float, name: str) -> Kernel:
+    """The DDIM step with a given per-step std: mean = sqrt(abar'/abar) x - (c1 - c2) eps_hat,
+    c1 = sqrt(1 - abar) sqrt(abar'/abar), c2 = sqrt(1 - abar' - nu^2)."""
+    abar, abar_prev, nu = _t(abar), _t(abar_prev), _t(nu)
     c1 = (1 - abar).sqrt() * (abar_prev / abar).sqrt()
-    c2 = (1 - abar_prev - var).clamp(min=0).sqrt()
+    c2 = (1 - abar_prev - nu**2).clamp(min=0).sqrt()
     return Kernel(
-        TimePoint.vp(abar),
-        TimePoint.vp(abar_prev),
-        (abar_prev / abar).sqrt(),
-        -(c1 - c2),
-        var.sqrt(),
-        name=f"ddim(eta={eta:g})",
+        TimePoint.vp(abar), TimePoint.vp(abar_prev), (abar_prev / abar).sqrt(), -(c1 - c2), nu, name=name
     )
+
+
+def ddim(abar: Tensor | float, abar_prev: Tensor | float, eta: float = 1.0) -> Kernel:
+    """DDIM(eta) on VP: nu = eta * the DDPM std; eta = 1 is DDPM."""
+    return ddim_with_std(abar, abar_prev, eta * ddpm_std(abar, abar_prev), name=f"ddim(eta={eta:g})")
+
+
+def pcpo_uw_sigma_std(
+    abar: Tensor | float, abar_prev: Tensor | float, weight: float = 4.5, eta: float = 1.0
+) -> Tensor:
+    """PCPO's "uw-sigma" std nu' = (W c1 + sqrt((1 - abar')(W^2 + 1) - c1^2)) / (W^2 + 1), times eta.
+
+    This is the root the published code takes: it makes (c1 + c2)/nu' = W, not the kernel weight
+    (c1 - c2)/nu' (zo_diffusion_pcpo spec §2); PCPO flattens its temporal weight in the loss instead.
+    """
+    abar, abar_prev = _t(abar), _t(abar_prev)
+    c1 = (1 - abar).sqrt() * (abar_prev / abar).sqrt()
+    root = ((1 - abar_prev) * (weight**2 + 1) - c1**2).sqrt()
+    return eta * (weight * c1 + root) / (weight**2 + 1)
+
+
+def pcpo_sde(
+    abar: Tensor | float, abar_prev: Tensor | float, weight: float = 4.5, eta: float = 1.0
+) -> Kernel:
+    """The DDIM step with PCPO's uw-sigma std (the PCPO baseline's sampler)."""
+    return ddim_with_std(abar, abar_prev, pcpo_uw_sigma_std(abar, abar_prev, weight, eta), name="pcpo_sde")
 
 
 def dpm_solver_pp1_sde(abar: Tensor | float, abar_prev: Tensor | float) -> Kernel:

@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 from rsm_core import flows, kernels
 from rsm_core.flows import TimePoint
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Exactness claims are checked in float64; restored afterwards so other modules are unaffected."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def sd15_ddpm() -> kernels.Kernel:

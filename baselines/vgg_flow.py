@@ -1,0 +1,184 @@
+"""VGG-Flow (fo_first_order spec §B; theory spec §5.3, Eq. 84-88).
+
+Pruned (the RSM baseline): velocity matching on the Euler-ODE grid,
+
+    L = mean_d (v_theta - sg[v_ref - lambda eta(t) clip_tau(g)])^2  (+ unet_reg mean_d (v_theta - v_old)^2),
+
+with g = grad_x r(decode(x - t sg(v_theta))) (current-state Tweedie, identity Jacobian) clipped per
+sample to norm tau. Canonical: C1 = 1/(d kappa^2), G = lambda eta g/(d |kappa|), P = unet_reg/(d kappa^2).
+
+Unpruned (``unpruned_loss``): the target adds the value network g_psi, and a finite-difference
+consistency loss and a terminal loss train g_psi. Every reward gradient and direction inside them is
+detached, so they carry no gradient to theta; g_psi reaches theta only as extra guidance in G, which
+the reduction drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from baselines.method import Method, Relation, Signal, TableRow
+from rsm_core import grids
+from rsm_core.flows import per_sample
+from rsm_core.kernels import reduce_per_sample
+from rsm_core.loss import Coefficients, Surrogate
+from rsm_core.transitions import Transitions
+from rsm_core.weighting import EtaMode, vgg_flow_eta
+
+FieldFn = Callable[[Tensor, Tensor], Tensor]  # (x, t (B,)) -> a latent-shaped output
+RewardFn = Callable[[Tensor], Tensor]  # x0_hat -> (B,) reward (decode included), differentiable
+
+
+@dataclass(frozen=True)
+class VGGFlowConfig:
+    reward_scale: float = 3e7  # lambda of the RSM pruned baseline (VGG-Flow's own default 1e3)
+    eta_mode: EtaMode = "quad"
+    # Quantile clipping: tau is reset to 1 each epoch and updated only after an optimizer step, so
+    # with the RSM configs' one update per epoch tau = 1 throughout.
+    clip_threshold: float = 1.0
+    unet_reg_scale: float = 0.0
+    coeff_terminal: float = 1000.0  # unpruned only
+    fd_eps: float = 1e-4  # unpruned only: eps_t (in timestep units, t = 1000 sigma) and eps_x
+
+
+def clip_norm(grad: Tensor, threshold: float) -> Tensor:
+    """g min(1, tau / ||g||) per sample."""
+    norm = reduce_per_sample(grad**2, "sum").sqrt()
+    scale = torch.clamp(threshold / norm.clamp(min=torch.finfo(grad.dtype).tiny), max=1.0)
+    return per_sample(scale, grad) * grad
+
+
+def _guidance(rows: Transitions, config: VGGFlowConfig) -> Tensor:
+    """lambda eta(t) clip(g): the velocity shift that the target subtracts from v_ref."""
+    eta = vgg_flow_eta(rows.kernel.point.sigma, config.eta_mode)
+    clipped = clip_norm(rows.reward_grad, config.clip_threshold)
+    return per_sample(config.reward_scale * eta, clipped) * clipped
+
+
+def _velocity_loss(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig, value: Tensor | None) -> Tensor:
+    target = rows.f_ref - _guidance(rows, config)
+    if value is not None:
+        target = target + value
+    matching = reduce_per_sample((f_theta - target.detach()) ** 2, "mean")
+    anchor = config.unet_reg_scale * reduce_per_sample((f_theta - rows.f_old.detach()) ** 2, "mean")
+    return matching + anchor
+
+
+def loss(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig) -> Surrogate:
+    rows.require("f_ref", "reward_grad", method="VGG-Flow")
+    per_sample_loss = _velocity_loss(f_theta, rows, config, value=None)
+    return Surrogate(per_sample_loss, torch.ones_like(per_sample_loss, dtype=torch.bool))
+
+
+def coefficients(
+    f_theta: Tensor, rows: Transitions, config: VGGFlowConfig, active: Tensor, value: Tensor | None = None
+) -> Coefficients:
+    """Pruned reduction; ``value`` = g_psi(x_t, t) folds the unpruned target's value net into G."""
+    d = rows.elements
+    shift = _guidance(rows, config)
+    if value is not None:
+        shift = shift - value.detach()
+    c1 = torch.full((rows.x.shape[0],), 1.0 / d, dtype=rows.x.dtype)
+    return Coefficients(c1, -shift / d, torch.full_like(c1, config.unet_reg_scale / d))
+
+
+# --- the unpruned algorithm ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnprunedTerms:
+    velocity: Tensor  # (B,)
+    consistency: Tensor  # (B,)
+    terminal: Tensor  # (B,)
+
+    def total(self, config: VGGFlowConfig) -> Tensor:
+        return self.velocity + self.consistency + config.coeff_terminal * self.terminal
+
+
+def _reward_grad(
+    reward: RewardFn,
+    x_explicit: Tensor,
+    velocity_input: Tensor,
+    policy: FieldFn,
+    t: Tensor,
+    wrt: str,
+    tau: float,
+) -> Tensor:
+    """grad of r(x_explicit - t v_theta(velocity_input, t)), detached and norm-clipped.
+
+    wrt="velocity": with respect to the network input only (the explicit x is another tensor);
+    wrt="full": x_explicit and velocity_input are one differentiated point (full Tweedie Jacobian).
+    """
+    with torch.enable_grad():
+        point = velocity_input.detach().requires_grad_(True)
+        explicit = point if wrt == "full" else x_explicit.detach()
+        x0_hat = explicit - per_sample(t, point) * policy(point, t)
+        (grad,) = torch.autograd.grad(reward(x0_hat).sum(), point)
+    return clip_norm(grad, tau).detach()
+
+
+def unpruned_loss(
+    f_theta: Tensor,
+    rows: Transitions,
+    config: VGGFlowConfig,
+    *,
+    policy: FieldFn,
+    reference: FieldFn,
+    value: FieldFn,
+    reward: RewardFn,
+    terminal: Tensor,
+) -> UnprunedTerms:
+    """The value-network VGG-Flow (fo_first_order spec §B.5) on rows that carry the current-state
+    reward gradient (``reward_grad``); ``terminal`` marks rows at the last sampling time."""
+    rows.require("f_ref", "reward_grad", method="VGG-Flow (unpruned)")
+    x, t, scale, tau = rows.x.detach(), rows.kernel.point.sigma, config.reward_scale, config.clip_threshold
+    eta_mode, eps = config.eta_mode, config.fd_eps
+    value_now = value(x, t)
+    velocity = _velocity_loss(f_theta, rows, config, value=value_now)
+
+    def value_estimate(g_psi: Tensor, time: Tensor, grad: Tensor) -> Tensor:
+        """V_hat = g_psi / S - eta(t) G."""
+        return g_psi / scale - per_sample(vgg_flow_eta(time, eta_mode), grad) * grad
+
+    v_hat = value_estimate(value_now, t, clip_norm(rows.reward_grad, tau))
+    t_back = t - eps / 1000  # eps_t is in timestep units, t = 1000 sigma
+    grad_back = _reward_grad(reward, x, x, policy, t_back, "velocity", tau)
+    time_diff = (value_estimate(value(x, t_back), t_back, grad_back) - v_hat) / eps
+    v_ref = reference(x, t).detach()
+    fd_reference = (reference(x + eps * v_hat, t) - v_ref) / eps
+    direction = (v_ref / scale + v_hat).detach()
+    moved = x + eps * direction
+    grad_moved = _reward_grad(reward, moved, moved, policy, t, "full", tau)
+    eta = per_sample(vgg_flow_eta(t, eta_mode), x)
+    fd_value = ((value(moved, t) - scale * eta * grad_moved) - scale * v_hat) / eps
+    consistency = reduce_per_sample(((time_diff - fd_reference - fd_value) / scale) ** 2, "mean")
+    terminal_loss = terminal * reduce_per_sample(value_now**2, "mean")
+    return UnprunedTerms(velocity, consistency, terminal_loss)
+
+
+METHOD = Method(
+    name="vgg-flow",
+    title="VGG-Flow (pruned)",
+    grid=grids.sd35_ode,
+    table=TableRow(
+        estimator="FO",
+        lookahead="$k=0$ (current state, identity Jacobian)",
+        branching="$K=1$",
+        temporal_weight=r"$\eta(t)=(1-t)^2$",
+        trust_region=r"quadratic anchor $\lambda_{reg}$ (default 0)",
+        c1=r"$1/(d\kappa^2)$",
+        g=r"$\lambda\eta(t)\hat g/(d|\kappa|)$",
+        p=r"$\lambda_{reg}/(d\kappa^2)$",
+    ),
+    relation=Relation.EXACT,
+    signal=Signal.REWARD_GRADIENT,
+    config=VGGFlowConfig(),
+    loss=loss,
+    coefficients=coefficients,
+    needs=("f_ref", "reward_grad"),
+    note="pruned: value network and its losses removed; see unpruned_loss",
+)

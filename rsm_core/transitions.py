@@ -1,0 +1,56 @@
+"""Training rows: one reverse transition x_t -> x_t' with everything a loss needs about it.
+
+A rollout (or a test) fills the fields its method uses; a method asks for them with ``require`` so a
+missing field is an error that names it instead of an AttributeError deep inside a loss. Every
+tensor is detached data: the only quantity with a gradient is the native output of theta, which
+losses take as a separate argument. ``lookahead_reward`` is the one function-valued field: a
+reparameterised method differentiates the reward of the next state it produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from torch import Tensor
+
+from rsm_core.kernels import Kernel
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A batch of B transitions; ``kernel`` has per-sample (B,) or shared 0-d coefficients."""
+
+    kernel: Kernel
+    x: Tensor  # x_t, (B, *D)
+    f_old: Tensor  # native output of the sampling policy at x_t (the trust-region anchor)
+    f_ref: Tensor | None = None  # native output of the frozen reference (adapter disabled)
+    noise: Tensor | None = None  # the step's standard-normal draw (x_t' = mean_old + nu noise)
+    advantage: Tensor | None = None  # (B,)
+    reward: Tensor | None = None  # (B,) terminal reward
+    reward_grad: Tensor | None = None  # (B, *D) the reward-gradient signal of a first-order method
+    steps_remaining: Tensor | None = None  # (B,) sampler steps after this one
+    branch_weight: Tensor | None = None  # (B,) k_avg / k_i of a branching rollout
+    # x_t' -> r(x0_hat(x_t')) through a frozen denoiser, differentiable in its input (SQDF's lookahead)
+    lookahead_reward: Callable[[Tensor], Tensor] | None = None
+
+    def require(self, *names: str, method: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            known = ", ".join(f.name for f in fields(self))
+            raise ValueError(
+                f"{method} needs the transition fields {missing}, which this batch does not carry; "
+                f"fill them when building Transitions (fields: {known})"
+            )
+
+    @property
+    def elements(self) -> int:
+        """d, the number of latent elements per sample (the denominator of per-element means)."""
+        return self.x[0].numel()
+
+    @property
+    def x_next(self) -> Tensor:
+        """x_t' as the sampling policy produced it (its mean plus nu times the stored noise)."""
+        if self.noise is None:
+            return self.kernel.mean(self.x, self.f_old)
+        return self.kernel.sample(self.x, self.f_old, self.noise)

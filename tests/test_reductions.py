@@ -1,0 +1,306 @@
+"""The reduction checker (theory spec §5.1): every baseline's native loss has the gradient of the
+canonical RSM loss with its declared coefficients, per sample, in float64, to relative error 1e-8.
+
+A small random network gives native outputs for a random batch at random steps of the method's own
+paper grid; theta starts at theta_old (first update, anchor inactive) and is then moved (anchor
+active; for clipped methods over several distances so that clipped and unclipped samples both occur).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from baselines import grpo, registry, residual_nabla_db, vgg_flow
+from baselines.method import Method
+from rsm_core.kernels import reduce_per_sample
+from rsm_core.loss import Coefficients, rsm_loss
+from rsm_core.transitions import Transitions
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+SHAPE = (3, 4)  # d = 12 latent elements per sample
+BATCH = 8
+TOLERANCE = 1e-8
+MOVES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)  # parameter displacements theta - theta_old
+
+
+class TinyNet(nn.Module):
+    """f(x, t): an MLP on the flattened latent and the time, output shaped like x."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        d = int(torch.tensor(SHAPE).prod())
+        self.body = nn.Sequential(nn.Linear(d + 1, 24), nn.Tanh(), nn.Linear(24, d))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        inputs = torch.cat([x.flatten(1), t.reshape(-1, 1).to(x.dtype)], dim=1)
+        return self.body(inputs).reshape(x.shape)
+
+
+def frozen_lookahead_reward() -> Callable[[Tensor], Tensor]:
+    """x' -> r(x0_hat(x')): a frozen nonlinear denoiser and reward, with rewards of both signs."""
+    gen = torch.Generator().manual_seed(7)
+    d = int(torch.tensor(SHAPE).prod())
+    denoise, score = torch.randn(d, d, generator=gen) / d**0.5, torch.randn(d, generator=gen)
+
+    def reward(x_next: Tensor) -> Tensor:
+        flat = x_next.flatten(1)
+        x0_hat = flat - 0.3 * torch.tanh(flat @ denoise)
+        return torch.tanh(x0_hat) @ score / d**0.5 + 0.1
+
+    return reward
+
+
+def make_rows(
+    method: Method, policy: TinyNet, reference: TinyNet, seed: int = 0
+) -> tuple[Transitions, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    grid = method.grid()
+    index = torch.randint(len(grid), (BATCH,), generator=gen)
+    index[0] = 0  # always include the grid's first step (t = 1 on rectified flow, where kappa = 0)
+    kernel = grid.kernel.select(index)
+    time = kernel.point.sigma
+    x = torch.randn(BATCH, *SHAPE, generator=gen)
+    advantage = 3 * torch.randn(BATCH, generator=gen)  # some beyond the +-5 advantage clip
+    advantage[1] = 0.0  # a masked row for methods that mask zero advantages
+    rows = Transitions(
+        kernel=kernel,
+        x=x,
+        f_old=policy(x, time).detach(),
+        f_ref=reference(x, time).detach(),
+        noise=torch.randn(BATCH, *SHAPE, generator=gen),
+        advantage=advantage,
+        reward=torch.randn(BATCH, generator=gen),
+        reward_grad=torch.randn(BATCH, *SHAPE, generator=gen),
+        steps_remaining=grid.steps_remaining[index],
+        branch_weight=0.5 + 1.5 * torch.rand(BATCH, generator=gen),
+        lookahead_reward=frozen_lookahead_reward(),
+    )
+    return rows, time
+
+
+def moved(net: TinyNet, distance: float, seed: int = 1) -> TinyNet:
+    """A copy of net with every parameter displaced by distance * N(0, 1)."""
+    copy = TinyNet(0)
+    copy.load_state_dict(net.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(distance * torch.randn(p.shape, generator=gen))
+    return copy
+
+
+def gradient(value: Tensor, params: list[Tensor]) -> Tensor:
+    """The flat gradient of a scalar; parameters it does not reach get exact zeros."""
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)]
+    )
+
+
+def per_sample_gradients(losses: Tensor, params: list[Tensor]) -> Tensor:
+    return torch.stack([gradient(value, params) for value in losses])
+
+
+def relative_errors(native: Tensor, canonical: Tensor) -> Tensor:
+    """Per-sample ||g_native - g_rsm|| / max(||g_native||, ||g_rsm||) (0 where both vanish)."""
+    scale = torch.maximum(native.norm(dim=1), canonical.norm(dim=1))
+    return torch.where(scale > 0, (native - canonical).norm(dim=1) / scale.clamp(min=1e-300), 0.0)
+
+
+def check(method: Method, net: TinyNet, rows: Transitions, time: Tensor, perturb=None):
+    """(per-sample relative errors, active mask) of native vs canonical gradients at net's theta."""
+    params = list(net.parameters())
+    f_theta = net(rows.x, time)
+    native = method.loss(f_theta, rows, method.config)
+    coef = method.coefficients(f_theta, rows, method.config, native.active)
+    if perturb is not None:
+        coef = perturb(coef)
+    canonical = rsm_loss(f_theta, rows.f_ref, rows.f_old, coef)
+    errors = relative_errors(
+        per_sample_gradients(native.loss, params), per_sample_gradients(canonical, params)
+    )
+    return errors, native.active
+
+
+def clipped(method: Method) -> bool:
+    return hasattr(method.config, "clip_range")
+
+
+REDUCED = registry.reduced()
+IDS = [m.name for m in REDUCED]
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[TinyNet, TinyNet]:
+    torch.set_default_dtype(torch.float64)
+    return TinyNet(0).double(), TinyNet(1).double()
+
+
+@pytest.mark.parametrize("method", REDUCED, ids=IDS)
+def test_gradient_equals_canonical_at_theta_old(method: Method, nets) -> None:
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    errors, _ = check(method, policy, rows, time)
+    assert errors.max() <= TOLERANCE, f"{method.name}: relative errors {errors.tolist()}"
+
+
+@pytest.mark.parametrize("method", REDUCED, ids=IDS)
+def test_gradient_equals_canonical_after_theta_moves(method: Method, nets) -> None:
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    seen_active, seen_clipped = False, False
+    for distance in MOVES if clipped(method) else MOVES[:1]:
+        errors, active = check(method, moved(policy, distance), rows, time)
+        assert errors.max() <= TOLERANCE, f"{method.name} at distance {distance}: {errors.tolist()}"
+        seen_active |= bool(active.any())
+        seen_clipped |= bool((~active).any())
+    if clipped(method):
+        assert seen_active and seen_clipped, "the moves must exercise both clip branches"
+
+
+def _scaled(coef: Coefficients, name: str, factor: float) -> Coefficients:
+    return replace(coef, **{name: getattr(coef, name) * factor})
+
+
+@pytest.mark.parametrize("name", ["c1", "g", "p"])
+@pytest.mark.parametrize("method", REDUCED, ids=IDS)
+def test_a_perturbed_coefficient_is_detected(method: Method, name: str, nets) -> None:
+    """Scaling one declared coefficient by 1.1 breaks the identity (where that term has a gradient)."""
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    net = moved(policy, 1e-1)
+    f_theta = net(rows.x, time)
+    coef = method.coefficients(f_theta, rows, method.config, method.loss(f_theta, rows, method.config).active)
+    if not bool(getattr(coef, name).abs().sum() > 0):
+        pytest.skip(f"{method.name} declares {name} = 0")
+    errors, _ = check(method, net, rows, time, perturb=lambda c: _scaled(c, name, 1.1))
+    assert errors.max() > 1e3 * TOLERANCE
+
+
+def test_the_ratio_form_needs_its_per_sample_ratio(nets) -> None:
+    """PPO's ratio form matches the log form's coefficients only at theta_old: away from it the
+    gradient differs by the factor rho per sample."""
+    method = registry.get("grpo")
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    log_form = replace(
+        method, coefficients=lambda f, r, c, a: grpo.coefficients(f, r, replace(c, form="log_ratio"), a)
+    )
+    at_old, _ = check(log_form, policy, rows, time)
+    away, active = check(log_form, moved(policy, 1e-2), rows, time)
+    assert at_old.max() <= TOLERANCE
+    assert away[active].max() > 1e3 * TOLERANCE
+
+
+def test_every_method_declares_a_table_row_and_the_unreduced_say_why() -> None:
+    names = [m.name for m in registry.METHODS]
+    assert len(names) == len(set(names))
+    for method in registry.METHODS:
+        assert all(vars(method.table).values()), method.name
+        if not method.reduced:
+            assert method.note.startswith("not reduced:"), method.name
+        else:
+            assert method.loss is not None and method.coefficients is not None, method.name
+
+
+# --- unpruned variants: which extra terms reach theta ------------------------------------------
+
+
+def _theta_check(method: Method, policy, rows, time, total: Tensor, extra: Tensor, coefficients) -> None:
+    """theta-gradient of the unpruned total = canonical with the auxiliary net folded into G, and
+    differs from the pruned reduction (the term the reduction drops)."""
+    params = list(policy.parameters())
+    f_theta = policy(rows.x, time)
+    native = per_sample_gradients(total, params)
+    folded = coefficients(f_theta, rows, method.config, torch.ones(BATCH, dtype=torch.bool), extra)
+    pruned = coefficients(f_theta, rows, method.config, torch.ones(BATCH, dtype=torch.bool))
+    with_extra = per_sample_gradients(rsm_loss(f_theta, rows.f_ref, rows.f_old, folded), params)
+    without = per_sample_gradients(rsm_loss(f_theta, rows.f_ref, rows.f_old, pruned), params)
+    assert relative_errors(native, with_extra).max() <= TOLERANCE
+    assert relative_errors(native, without).max() > 1e3 * TOLERANCE
+
+
+def test_unpruned_nabla_db_extra_terms(nets) -> None:
+    method = registry.get("residual-nabla-db")
+    policy, reference = nets
+    policy = moved(policy, 1e-1)  # the trust-region anchor active too
+    residual = TinyNet(3).double()
+    rows, time = make_rows(method, policy, reference)
+    grid = method.grid()
+    index = torch.arange(BATCH) * 7 % len(grid)
+    index[-1] = len(grid) - 1  # one terminal transition (t = 1 -> x_0)
+    kernel = grid.kernel.select(index)
+    time, time_next = kernel.point.sigma, kernel.prev.sigma
+    rows = replace(rows, kernel=kernel, f_old=rows.f_old, f_ref=reference(rows.x, time).detach())
+    terminal = index == len(grid) - 1
+    residual_next = residual(rows.x_next.detach(), time_next)
+    terms = residual_nabla_db.unpruned_loss(
+        policy(rows.x, time),
+        rows,
+        method.config,
+        policy_at=lambda x: policy(x, time),
+        reference_at=lambda x: reference(x, time),
+        residual_now=residual(rows.x, time),
+        residual_next=residual_next,
+        reward_grad_now=torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(5)),
+        terminal=terminal,
+    )
+    theta, phi = list(policy.parameters()), list(residual.parameters())
+    for name in ("backward", "terminal"):
+        term = getattr(terms, name).sum()
+        assert torch.all(gradient(term, theta) == 0), f"{name} must carry no gradient to theta"
+        assert gradient(term, phi).abs().max() > 0, f"{name} trains the residual network"
+    assert gradient(terms.forward.sum(), phi).abs().max() > 0
+    live = (~terminal).to(rows.x.dtype).reshape(-1, 1, 1)
+    _theta_check(
+        method,
+        policy,
+        rows,
+        time,
+        terms.total(method.config),
+        live * residual_next,
+        residual_nabla_db.coefficients,
+    )
+
+
+def test_unpruned_vgg_flow_extra_terms(nets) -> None:
+    method = registry.get("vgg-flow")
+    policy, reference = nets
+    value = TinyNet(4).double()
+    rows, time = make_rows(method, policy, reference)
+    terminal = torch.zeros(BATCH, dtype=torch.bool)
+    terminal[-1] = True
+    reward = frozen_lookahead_reward()
+    terms = vgg_flow.unpruned_loss(
+        policy(rows.x, time),
+        rows,
+        method.config,
+        policy=policy,
+        reference=reference,
+        value=value,
+        reward=reward,
+        terminal=terminal,
+    )
+    theta, psi = list(policy.parameters()), list(value.parameters())
+    for name in ("consistency", "terminal"):
+        term = getattr(terms, name).sum()
+        assert torch.all(gradient(term, theta) == 0), f"{name} must carry no gradient to theta"
+        assert gradient(term, psi).abs().max() > 0, f"{name} trains the value network"
+    assert torch.all(gradient(terms.velocity.sum(), psi) == 0), "the velocity target is detached"
+    _theta_check(
+        method, policy, rows, time, terms.total(method.config), value(rows.x, time), vgg_flow.coefficients
+    )
+
+
+def test_clip_norm_caps_each_sample() -> None:
+    grad = torch.stack([torch.full(SHAPE, 0.01), torch.full(SHAPE, 10.0)])
+    clipped_grad = vgg_flow.clip_norm(grad, 1.0)
+    norms = reduce_per_sample(clipped_grad**2, "sum").sqrt()
+    assert torch.allclose(clipped_grad[0], grad[0]) and torch.isclose(norms[1], torch.tensor(1.0))
