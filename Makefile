@@ -9,7 +9,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint fig-toy toy-assets clean-venv
+.PHONY: help setup test test-slow lint fig-toy fig-nim table1 toy-assets clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ lint: setup  ## ruff
 
 fig-toy: setup  ## toy estimator figure (SCALE=smoke|tiny|paper, MODE=trained|oracle, ARGS="--set k=v")
 	$(PY) -m experiments.fig_toy --scale $(SCALE) --mode $(MODE) $(ARGS)
+
+fig-nim: setup  ## influence metric per timestep of every method at its paper schedule (Figure 1)
+	$(PY) -m experiments.fig_nim
+
+table1: setup  ## Table 1 from the method registry (results/tables/table1.md, .tex)
+	$(PY) -m experiments.table1
 
 clean-venv:  ## remove the virtual environment
 	rm -rf $(VENV)

@@ -67,6 +67,11 @@ def plot_fig_toy(frame: pd.DataFrame, out_stem: Path, title: str = "") -> list[P
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
+    return save_figure(fig, frame, out_stem)
+
+
+def save_figure(fig: plt.Figure, frame: pd.DataFrame, out_stem: Path) -> list[Path]:
+    """Write STEM.png, STEM.pdf and the figure's data as STEM.csv, each atomically."""
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
     for path in paths:

@@ -7,20 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsm_core import flows, kernels
+from rsm_core import flows, grids, kernels
 from rsm_core.flows import TimePoint
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
 def sd15_ddpm() -> kernels.Kernel:
-    abar, abar_prev = flows.ddim_alpha_pairs(flows.vp_alphas_cumprod(), flows.ddim_timesteps(50))
-    return kernels.ddim(abar, abar_prev, eta=1.0)
+    return grids.sd15_ddpm().kernel
 
 
 def sd35_flow_grpo() -> tuple[torch.Tensor, kernels.Kernel]:
-    sigmas = flows.sd3_sigmas(10, shift=3.0)
-    return sigmas, kernels.flow_grpo_sde(sigmas[:-1], sigmas[1:], t_max=float(sigmas[1]), noise_level=0.7)
+    """All 10 steps of the SD3.5 grid (training uses the first 9) and the grid's sigmas."""
+    return flows.sd3_sigmas(10, shift=3.0), grids.sd35_flow_grpo(trained=10).kernel
 
 
 def all_stochastic_kernels() -> list[kernels.Kernel]:
@@ -94,6 +93,30 @@ def test_sd15_ddpm_mean_weight_matches_the_pcpo_constant() -> None:
     w = sd15_ddpm().w
     assert w.mean().item() == pytest.approx(0.5168997, abs=5e-7)
     assert (4.5 / w.mean()).item() == pytest.approx(8.70575, abs=2e-5)
+
+
+def test_pcpo_uw_sigma_sampler_matches_the_spec_facts() -> None:
+    """zo_diffusion_pcpo.md §2: (c1 + c2)/nu' = 4.5 at every step; nu' = 0.446712 at t = 981 and
+    0.014764 at t = 1; the kernel weight w' = (c1 - c2)/nu' stays near DDPM's (0.513 at 981, 3.368 at 21)."""
+    grid = grids.sd15_pcpo(trained=50)
+    abar, abar_prev = grid.kernel.point.alpha**2, grid.kernel.prev.alpha**2
+    nu = grid.kernel.nu
+    c1 = (1 - abar).sqrt() * (abar_prev / abar).sqrt()
+    c2 = (1 - abar_prev - nu**2).sqrt()
+    torch.testing.assert_close((c1 + c2) / nu, torch.full_like(nu, 4.5), rtol=1e-12, atol=0)
+    assert nu[0].item() == pytest.approx(0.446712, abs=1e-6) and nu[-1].item() == pytest.approx(
+        0.014764, abs=1e-6
+    )
+    w = grid.kernel.w
+    assert w[0].item() == pytest.approx(0.513, abs=5e-4) and w[48].item() == pytest.approx(3.368, abs=5e-4)
+
+
+def test_kernel_select_picks_steps_of_a_grid() -> None:
+    kernel = sd15_ddpm()
+    index = torch.tensor([3, 0, 3])
+    picked = kernel.select(index)
+    for name in ("x_coef", "f_coef", "nu", "w", "kappa"):
+        torch.testing.assert_close(getattr(picked, name), getattr(kernel, name)[index], rtol=0, atol=0)
 
 
 def test_sd35_ten_step_schedule_matches_the_spec_table() -> None:
