@@ -7,8 +7,7 @@ import sys
 from collections.abc import Callable
 
 from rsm_core.config import ConfigError
-from rsm_core.records import IncompleteRunError, RunExistsError
-from rsm_core.toy.assets import AssetError
+from rsm_core.records import AssetError, IncompleteRunError, RunExistsError
 
 USER_ERRORS = (ConfigError, RunExistsError, IncompleteRunError, AssetError, FileNotFoundError)
 

@@ -9,6 +9,7 @@ of truth, and a wandb failure never stops a run. Environment variables are never
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -274,3 +275,11 @@ def _start_wandb(path: Path, name: str, config: dict, wanted: bool | str) -> Any
     except Exception as error:
         warnings.warn(f"wandb did not start ({error}); running without the mirror", stacklevel=3)
         return None
+
+
+class AssetError(RuntimeError):
+    """Shipped weights are missing, altered, or were trained with other settings."""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

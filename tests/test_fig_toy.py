@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from experiments import fig_toy
-from rsm_core.toy.assets import ASSET_DIR, AssetError, TrainSettings, load_denoisers, save_denoisers
+from rsm_core.records import AssetError
+from rsm_core.toy.assets import ASSET_DIR, TrainSettings, load_denoisers, save_denoisers
 from rsm_core.toy.denoiser import ToyDenoiser, train_pair
 from rsm_core.toy.mixture import EVAL_TIMESTEP, UnitMixture, reward_gradient, toy_alphas_cumprod
 

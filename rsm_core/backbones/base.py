@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rsm_core import flows
+from rsm_core import flows, kernels
 from rsm_core.backbones.text import Cond
 from rsm_core.flows import TimePoint
+from rsm_core.kernels import Kernel
 
 FlowKind = Literal["rf-v", "vp-eps"]
 
@@ -39,6 +40,37 @@ class FlowSpec:
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return t * self.num_train_timesteps if self.kind == "rf-v" else t
+
+    def training_example(
+        self, x0: Tensor, noise: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, regression target) for denoising pretraining: rectified flow with logit-normal t
+        (SD3's choice) and target v = noise - x0, or a uniform DDPM index with target eps."""
+        b = x0.shape[0]
+        if self.kind == "rf-v":
+            t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0.dtype)
+            tt = t.view(-1, *([1] * (x0.ndim - 1)))
+            return (1 - tt) * x0 + tt * noise, t, noise - x0
+        t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator)
+        abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise
+
+    def ode_kernels(self, steps: int) -> list[Kernel]:
+        """The deterministic sampler's steps on this flow's grid (Euler for rf-v, DDIM eta = 0 for vp)."""
+        grid = self.grid(steps)
+        if self.kind == "rf-v":
+            return [kernels.flow_ode(grid[i], grid[i + 1]) for i in range(steps)]
+        abar, abar_prev = flows.ddim_alpha_pairs(self.alphas_cumprod.double(), grid)
+        return [kernels.ddim(abar[i], abar_prev[i], eta=0.0) for i in range(steps)]
+
+    def sde_kernels(self, steps: int, noise_level: float = 0.7) -> list[Kernel]:
+        """The stochastic sampler's steps: Flow-GRPO's SDE (rf-v) or DDPM, i.e. DDIM eta = 1 (vp)."""
+        grid = self.grid(steps)
+        if self.kind == "rf-v":
+            t_max = float(grid[1])
+            return [kernels.flow_grpo_sde(grid[i], grid[i + 1], t_max, noise_level) for i in range(steps)]
+        abar, abar_prev = flows.ddim_alpha_pairs(self.alphas_cumprod.double(), grid)
+        return [kernels.ddim(abar[i], abar_prev[i], eta=1.0) for i in range(steps)]
 
     def grid(self, steps: int) -> Tensor:
         """The sampling grid: shifted sigmas 1 -> 0 (steps + 1 points) or DDIM timesteps 981 ... 1."""
@@ -133,3 +165,21 @@ class Backbone:
     # --- images ---------------------------------------------------------------------------------
     def decode(self, latents: Tensor) -> Tensor:
         raise NotImplementedError
+
+    latent_shape: tuple[int, ...]
+
+    @torch.no_grad()
+    def sample_ode(
+        self, prompts: Sequence[str], steps: int, cfg: float | None, generator: torch.Generator
+    ) -> Tensor:
+        """Deterministic samples (latents) from the flow's ODE sampler, starting at N(0, I) noise."""
+        x = torch.randn(len(prompts), *self.latent_shape, generator=generator)
+        cond = self.encode(prompts)
+        grid = self.grid_times(steps)
+        for i, kernel in enumerate(self.flow.ode_kernels(steps)):
+            x = kernel.mean(x.double(), self.native(x, grid[i], cond, cfg=cfg).double()).float()
+        return x
+
+    def grid_times(self, steps: int) -> Tensor:
+        """The model-time value of each sampler step (t in [0, 1], or the DDPM index)."""
+        return self.flow.grid(steps)[:steps].float()

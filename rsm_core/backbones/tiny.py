@@ -59,6 +59,10 @@ class _TinyBackbone(Backbone):
     def decode(self, latents: Tensor) -> Tensor:
         return pixels_to_images(latents)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.config.channels, self.config.resolution, self.config.resolution)
+
 
 class TinyFlow(_TinyBackbone):
     def __init__(self, text_encoder: TinyTextEncoder, config: TinyFlowConfig = TinyFlowConfig()) -> None:

@@ -7,12 +7,11 @@ the hashes. ``--retrain`` on the figure trains fresh ones instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rsm_core.records import atomic_write_text, load_tensors, save_tensors_atomic
+from rsm_core.records import AssetError, atomic_write_text, load_tensors, save_tensors_atomic, sha256
 from rsm_core.toy.denoiser import ToyDenoiser
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -26,14 +25,6 @@ class TrainSettings:
     batch_size: int = 4096
     lr: float = 1e-3  # not given in the extracted paper; the toy spec suggests 1e-3 [G]
     seed: int = 0
-
-
-class AssetError(RuntimeError):
-    """The shipped denoisers are missing, altered, or trained with other settings."""
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def save_denoisers(
