@@ -9,7 +9,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint fig-toy fig-nim table1 toy-assets clean-venv
+.PHONY: help setup test test-slow lint fig-toy fig-nim table1 toy-assets tiny-assets tiny-check clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ fig-nim: setup  ## influence metric per timestep of every method at its paper sc
 
 table1: setup  ## Table 1 from the method registry (results/tables/table1.md, .tex)
 	$(PY) -m experiments.table1
+
+tiny-assets: setup  ## pretrain the tiny world (CLIP, aesthetic scorer, flow and diffusion models; < 60 min)
+	$(PY) -m experiments.tiny_assets $(ARGS)
+
+tiny-check: setup  ## measure the shipped tiny world: results/tables/tiny_check.json and two figures
+	$(PY) -m experiments.tiny_check $(ARGS)
 
 clean-venv:  ## remove the virtual environment
 	rm -rf $(VENV)

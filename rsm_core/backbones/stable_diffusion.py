@@ -1,0 +1,336 @@
+"""Stable Diffusion 3.5 Medium and 1.5 as backbones, loaded from local weights only.
+
+- SD35: MMDiT transformer, rectified flow with velocity prediction, CLIP-L + CLIP-G + T5 conditioning
+  built by the diffusers pipeline's own ``encode_prompt``;
+- SD15: UNet, the scaled-linear 1000-step VP schedule with eps prediction, CLIP-L token states.
+
+Weights are never downloaded here (the bench runs offline): a directory in diffusers layout, or a hub id
+already in the local Hugging Face cache. Anything missing is an ``AssetError`` that names the missing
+files and how to fetch them. Prompt embeddings can be cached on disk, one safetensors file per prompt, so
+the text encoders (T5-XXL alone is ~10 GB) run once per prompt across runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rsm_core.backbones.base import Backbone, FlowSpec
+from rsm_core.backbones.text import Cond
+from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
+
+SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets for both models
+
+SD35_COMPONENTS = (
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "scheduler",
+)
+SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the weights
+# ------------------------------------------------------------------------------------------------
+
+
+def _missing_in_component(root: Path, name: str) -> list[str]:
+    """What a component folder lacks: its folder, its config, or (for networks) any weights file."""
+    folder = root / name
+    if not folder.is_dir():
+        return [f"{name}/"]
+    if name.startswith("tokenizer"):
+        required = ["tokenizer_config.json"]
+    elif name == "scheduler":
+        required = ["scheduler_config.json"]
+    else:
+        required = ["config.json"]
+    missing = [f"{name}/{file}" for file in required if not (folder / file).is_file()]
+    is_network = not (name.startswith("tokenizer") or name == "scheduler")
+    if is_network and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append(f"{name}/*.safetensors (the weights)")
+    return missing
+
+
+def missing_files(root: Path, components: Sequence[str]) -> list[str]:
+    """Files and folders (relative to root) a pipeline with these components needs but cannot find."""
+    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+    for name in components:
+        missing.extend(_missing_in_component(root, name))
+    return missing
+
+
+def _download_hint(repo: str) -> str:
+    return (
+        f"download {repo} on a machine with network (`hf download {repo} --local-dir DIR`, after accepting "
+        f"its licence on huggingface.co if it is gated), copy DIR here and pass DIR as the model path"
+    )
+
+
+def resolve_weights(source: str | Path, components: Sequence[str], repo: str) -> Path:
+    """The local diffusers directory for ``source`` (a directory, or a hub id already in the local HF
+    cache), checked for completeness; never touches the network."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        root = path
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(str(source), local_files_only=True))
+        except (OSError, ValueError) as error:  # not cached / not a valid repo id
+            raise AssetError(
+                f"no model at {source!r}: it is not a directory and not a hub id in the local Hugging Face "
+                f"cache ({type(error).__name__}); {_download_hint(repo)}"
+            ) from None
+    missing = missing_files(root, components)
+    if missing:
+        raise AssetError(
+            f"incomplete weights in {root}: missing {', '.join(missing)}; {_download_hint(repo)}"
+        )
+    return root
+
+
+def _load_pipeline(pipeline_class: type, root: Path, repo: str, dtype: torch.dtype, **kwargs):
+    """from_pretrained on a checked directory; a loader failure (e.g. only an fp16 variant present) is
+    reported as an asset problem, not a traceback from deep inside diffusers."""
+    try:
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return pipeline_class.from_pretrained(root, local_files_only=True, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        raise AssetError(
+            f"could not load {pipeline_class.__name__} from {root}: {error}; {_download_hint(repo)}"
+        ) from error
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt embeddings on disk
+# ------------------------------------------------------------------------------------------------
+
+
+class PromptCache:
+    """One safetensors file per prompt, named by the sha256 of the prompt and of everything that changes
+    its embedding (model, max length, dtype), so a stale file is never read for another setting."""
+
+    def __init__(self, directory: Path, key: dict[str, str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.key = key
+
+    def path(self, prompt: str) -> Path:
+        text = json.dumps({**self.key, "prompt": prompt}, sort_keys=True)
+        return self.directory / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
+
+    def load(self, prompt: str) -> Cond | None:
+        path = self.path(prompt)
+        if not path.is_file():
+            return None
+        tensors = load_tensors(path)
+        return Cond(tensors["tokens"], tensors["mask"], tensors["pooled"])
+
+    def save(self, prompt: str, cond: Cond) -> None:
+        save_tensors_atomic(
+            self.path(prompt), {"tokens": cond.tokens, "mask": cond.mask, "pooled": cond.pooled}
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbones
+# ------------------------------------------------------------------------------------------------
+
+
+class _DiffusersBackbone(Backbone):
+    """Device/dtype handling, frozen components and the disk cache shared by SD35 and SD15."""
+
+    lora_targets = LORA_TARGETS
+    latent_multiple: int  # the resolution must be a multiple of this (VAE factor x denoiser stride)
+
+    def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype, resolution: int) -> None:
+        super().__init__()
+        self.device, self.dtype = torch.device(device), dtype
+        self.pipe = pipe.to(self.device)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()  # LoRA is the only trainable part
+        self.vae = pipe.vae
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.resolution = resolution
+        self._disk: PromptCache | None = None
+
+    def _check_resolution(self) -> None:
+        if self.resolution % self.latent_multiple:
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of {self.latent_multiple} for this model"
+            )
+
+    def _use_disk_cache(self, cache_dir: Path | None, source: str | Path, max_length: int) -> None:
+        if cache_dir is None:
+            return
+        model = (
+            str(Path(source).expanduser().resolve()) if Path(source).expanduser().is_dir() else str(source)
+        )
+        key = {"backbone": type(self).__name__, "model": model, "max_length": str(max_length)}
+        self._disk = PromptCache(cache_dir, {**key, "dtype": str(self.dtype)})
+
+    # --- conditioning ---------------------------------------------------------------------------
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def _encode(self, prompts: Sequence[str]) -> Cond:
+        """Prompts from the disk cache where present; the rest through the text encoders (then saved)."""
+        found: dict[str, Cond] = {}
+        if self._disk is not None:
+            for prompt in prompts:
+                cond = self._disk.load(prompt)
+                if cond is not None:
+                    found[prompt] = self._to_device(cond)
+        todo = [p for p in dict.fromkeys(prompts) if p not in found]
+        if todo:
+            fresh = self._encode_prompts(todo)
+            for i, prompt in enumerate(todo):
+                found[prompt] = fresh[i : i + 1]
+                if self._disk is not None:
+                    self._disk.save(prompt, found[prompt])
+        return Cond.cat([found[p] for p in prompts])
+
+    def _to_device(self, cond: Cond) -> Cond:
+        return Cond(
+            cond.tokens.to(self.device, self.dtype),
+            cond.mask.to(self.device),
+            cond.pooled.to(self.device, self.dtype),
+        )
+
+    # --- images ---------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        side = self.resolution // 4
+        return (self.model.config.in_channels, side, side)
+
+    def _decode_scaled(self, z: Tensor) -> Tensor:
+        """VAE latents (already unscaled) -> images in [0, 1], differentiable in z."""
+        images = self.vae.decode(z.to(self.vae.dtype)).sample
+        return (images / 2 + 0.5).clamp(0, 1).to(z.dtype)
+
+
+class SD35(_DiffusersBackbone):
+    """Stable Diffusion 3.5 Medium: rectified flow (shift 3), velocity prediction, 512 px by default."""
+
+    def __init__(
+        self,
+        path: str | Path = SD35_REPO,
+        *,
+        resolution: int = 512,
+        max_sequence_length: int = 256,
+        cache_dir: Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        root = resolve_weights(path, SD35_COMPONENTS, SD35_REPO)
+        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, dtype)
+        super().__init__(pipe, device, dtype, resolution)
+        self.model = pipe.transformer
+        self.max_sequence_length = max_sequence_length
+        config = pipe.scheduler.config
+        self.flow = FlowSpec(
+            "rf-v",
+            shift=float(config.get("shift", 3.0)),
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        )
+        self.latent_multiple = self.vae_scale_factor * self.model.config.patch_size
+        self._check_resolution()
+        self._use_disk_cache(cache_dir, path, max_sequence_length)
+
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
+        tokens, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Cond(tokens.to(self.dtype), mask, pooled.to(self.dtype))
+
+    def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        out = self.model(
+            x.to(self.dtype),
+            encoder_hidden_states=cond.tokens,
+            pooled_projections=cond.pooled,
+            timestep=timestep,
+        ).sample
+        return out.to(x.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        config = self.vae.config
+        return self._decode_scaled(latents / config.scaling_factor + config.shift_factor)
+
+
+class SD15(_DiffusersBackbone):
+    """Stable Diffusion 1.5: VP schedule (scaled linear betas), eps prediction, 512 px by default."""
+
+    def __init__(
+        self,
+        path: str | Path = SD15_REPO,
+        *,
+        resolution: int = 512,
+        cache_dir: Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        root = resolve_weights(path, SD15_COMPONENTS, SD15_REPO)
+        pipe = _load_pipeline(
+            StableDiffusionPipeline,
+            root,
+            SD15_REPO,
+            dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        super().__init__(pipe, device, dtype, resolution)
+        self.model = pipe.unet
+        config = pipe.scheduler.config
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            raise AssetError(
+                f"{root} predicts {config['prediction_type']!r}, SD15 expects eps; is it SD1.5? "
+                f"{_download_hint(SD15_REPO)}"
+            )
+        self.flow = FlowSpec(
+            "vp-eps",
+            alphas_cumprod=pipe.scheduler.alphas_cumprod.to(torch.float32),
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        )
+        self.latent_multiple = self.vae_scale_factor * 2 ** (len(self.model.config.block_out_channels) - 1)
+        self._check_resolution()
+        self._use_disk_cache(cache_dir, path, pipe.tokenizer.model_max_length)
+
+    def _encode_prompts(self, prompts: list[str]) -> Cond:
+        tokens, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        tokens = tokens.to(self.dtype)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Cond(tokens, mask, tokens[:, 0].clone())  # pooled: unused by the UNet, kept for the Cond type
+
+    def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        return self.model(x.to(self.dtype), timestep, encoder_hidden_states=cond.tokens).sample.to(x.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self._decode_scaled(latents / self.vae.config.scaling_factor)

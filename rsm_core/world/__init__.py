@@ -1,0 +1,1 @@
+"""The tiny procedural world: shape scenes, GenEval-format prompts and their metadata."""

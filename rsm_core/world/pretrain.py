@@ -1,0 +1,71 @@
+"""Denoising pretraining of the tiny backbones on rendered scenes, with CFG prompt dropout and EMA."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rsm_core.backbones.base import Backbone
+from rsm_core.world.dataset import SceneSampler
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    steps: int
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    cfg_dropout: float = 0.1  # share of prompts replaced by "" so the model learns the unconditional branch
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def pretrain(
+    backbone: Backbone,
+    scenes: SceneSampler,
+    settings: PretrainSettings,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train backbone.model in place (ending with its EMA weights); returns the last batch loss."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    model = backbone.model.train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+
+    def lr_factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        return 0.5 * (
+            1 + math.cos(math.pi * (step - settings.warmup) / max(1, settings.steps - settings.warmup))
+        )
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    loss = torch.tensor(float("nan"))
+    for step in range(settings.steps):
+        images, prompts, _ = scenes(generator, settings.batch)
+        drop = torch.rand(len(prompts), generator=generator) < settings.cfg_dropout
+        prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts, strict=True)]
+        x0 = images * 2 - 1
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t, t, target = backbone.flow.training_example(x0, noise, generator)
+        loss = F.mse_loss(backbone.native(x_t, t, backbone.encode(prompts)), target)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - settings.ema_decay)
+        if progress is not None:
+            progress(step, loss.item())
+    model.load_state_dict(ema.state_dict())
+    model.eval()
+    return loss.item()

@@ -1,0 +1,359 @@
+"""SD35 / SD15 through their real loading path, on tiny random pipelines of the real diffusers and
+transformers classes saved with ``save_pretrained`` (no weights or network needed)."""
+
+from __future__ import annotations
+
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsm_core import flows
+from rsm_core.backbones.stable_diffusion import SD15, SD35
+from rsm_core.records import AssetError
+
+RESOLUTION = 32  # the tiny VAEs downsample 8x, as the real ones: 4 x 4 latents
+T5_LENGTH = 8
+CLIP_LENGTH = 16
+PROMPTS = ["a photo of a cat", "a dog"]
+
+
+def _clip_tokenizer():
+    """Byte-level BPE over single letters (no merges): every lower-case prompt is representable."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in string.ascii_lowercase:
+        vocab[letter] = len(vocab)
+        vocab[f"{letter}</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_LENGTH)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(letter, -3.0) for letter in string.ascii_lowercase]
+    pieces += [(f"\u2581{word}", -1.0) for word in ("a", "photo", "of", "cat", "dog")]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_LENGTH)
+
+
+def _clip(width: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=54,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def _save_sd3(directory: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=35, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0)
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width; the CLIP states (8 + 12) are zero-padded to it
+        caption_projection_dim=16,
+        pooled_projection_dim=8 + 12,
+        pos_embed_max_size=4,
+        dual_attention_layers=(0,),  # SD3.5-M's MMDiT-X block and qk-norm
+        qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=2.5),  # not 3: the shift must be read, not assumed
+        vae=_vae(16, scaling_factor=1.5, shift_factor=0.1),
+        text_encoder=_clip(8, projection=True),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_clip(12, projection=True),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=_t5_tokenizer(),
+    )
+    pipe.save_pretrained(directory)
+
+
+def _save_sd15(directory: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(4, scaling_factor=0.18215, shift_factor=None),
+        text_encoder=_clip(8, projection=False),
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: a second OpenMP thread only spin-waits (100x slower on busy cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("pipelines")
+    _save_sd3(root / "sd35")
+    _save_sd15(root / "sd15")
+    return {"sd35": root / "sd35", "sd15": root / "sd15"}
+
+
+def _load(saved: dict[str, Path], name: str, **kwargs):
+    if name == "sd35":
+        return SD35(saved[name], resolution=RESOLUTION, max_sequence_length=T5_LENGTH, **kwargs)
+    return SD15(saved[name], resolution=RESOLUTION, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(saved) -> dict[str, SD35 | SD15]:
+    return {name: _load(saved, name) for name in saved}
+
+
+def _time(backbone) -> torch.Tensor:
+    return torch.tensor([0.3, 0.9]) if backbone.flow.kind == "rf-v" else torch.tensor([300, 900])
+
+
+BOTH = pytest.mark.parametrize("name", ["sd35", "sd15"])
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def test_sd35_flow_and_latents_come_from_the_saved_pipeline(loaded) -> None:
+    backbone = loaded["sd35"]
+    assert backbone.flow.kind == "rf-v" and backbone.flow.shift == 2.5
+    assert backbone.latent_shape == (16, 4, 4)
+    assert backbone.trainable_parameters() == []  # everything frozen until a LoRA is added
+
+
+def test_sd15_flow_is_the_schedulers_vp_schedule(loaded) -> None:
+    backbone = loaded["sd15"]
+    assert backbone.flow.kind == "vp-eps" and backbone.flow.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(
+        backbone.flow.alphas_cumprod, flows.vp_alphas_cumprod(dtype=torch.float32), rtol=1e-6, atol=1e-7
+    )
+    assert backbone.latent_shape == (4, 4, 4)
+    assert backbone.trainable_parameters() == []
+
+
+def test_resolution_must_fit_the_latent_grid(saved) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        SD35(saved["sd35"], resolution=40)
+
+
+# --- conditioning -------------------------------------------------------------------------------
+
+
+def test_sd35_encode_is_the_pipelines_clip_and_t5_conditioning(loaded) -> None:
+    backbone = loaded["sd35"]
+    cond = backbone.encode(PROMPTS)
+    assert cond.tokens.shape == (2, CLIP_LENGTH + T5_LENGTH, 32) and cond.pooled.shape == (2, 8 + 12)
+    assert cond.mask.dtype == torch.bool and bool(cond.mask.all())
+    # CLIP-L (8) and CLIP-G (12) penultimate states side by side, zero-padded to T5's width
+    assert (
+        torch.all(cond.tokens[:, :CLIP_LENGTH, 20:] == 0)
+        and cond.tokens[:, :CLIP_LENGTH, :20].abs().sum() > 0
+    )
+    tokens, _, pooled, _ = backbone.pipe.encode_prompt(
+        PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH
+    )
+    torch.testing.assert_close(cond.tokens, tokens)
+    torch.testing.assert_close(cond.pooled, pooled)
+    assert not torch.allclose(cond.pooled[0], cond.pooled[1])
+
+
+def test_sd15_encode_is_the_clip_token_states(loaded) -> None:
+    backbone = loaded["sd15"]
+    cond = backbone.encode(PROMPTS)
+    assert cond.tokens.shape == (2, CLIP_LENGTH, 8) and bool(cond.mask.all())
+    ids = backbone.pipe.tokenizer(PROMPTS, padding="max_length", max_length=CLIP_LENGTH, return_tensors="pt")
+    torch.testing.assert_close(cond.tokens, backbone.pipe.text_encoder(ids.input_ids)[0])
+    torch.testing.assert_close(cond.pooled, cond.tokens[:, 0])
+
+
+@BOTH
+def test_embeddings_are_served_from_the_disk_cache(saved, tmp_path, name: str) -> None:
+    first = _load(saved, name, cache_dir=tmp_path)
+    reference = first.encode(PROMPTS)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+    second = _load(saved, name, cache_dir=tmp_path)  # empty in-memory cache, same files
+    calls: list[list[str]] = []
+    encode_prompts = second._encode_prompts
+    second._encode_prompts = lambda prompts: calls.append(list(prompts)) or encode_prompts(prompts)
+    again = second.encode([PROMPTS[1], "a cat", PROMPTS[0]])
+    assert calls == [["a cat"]]  # only the prompt that was never encoded reaches the text encoders
+    assert torch.equal(again.tokens[0], reference.tokens[1]) and torch.equal(
+        again.tokens[2], reference.tokens[0]
+    )
+    assert torch.equal(again.pooled[2], reference.pooled[0]) and again.mask.dtype == torch.bool
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_the_disk_cache_key_includes_the_max_length(saved, tmp_path) -> None:
+    SD35(saved["sd35"], resolution=RESOLUTION, max_sequence_length=T5_LENGTH, cache_dir=tmp_path).encode(
+        ["a"]
+    )
+    longer = SD35(saved["sd35"], resolution=RESOLUTION, max_sequence_length=12, cache_dir=tmp_path)
+    assert longer.encode(["a"]).tokens.shape[1] == CLIP_LENGTH + 12
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+# --- prediction, images, LoRA -------------------------------------------------------------------
+
+
+@BOTH
+def test_native_with_cfg_combines_both_branches(loaded, name: str) -> None:
+    backbone = loaded[name]
+    torch.manual_seed(1)
+    x, t = torch.randn(2, *backbone.latent_shape), _time(backbone)
+    cond = backbone.encode(PROMPTS)
+    with torch.no_grad():
+        guided = backbone.native(x, t, cond, cfg=4.5)
+        f_cond = backbone.native(x, t, cond)
+        f_uncond = backbone.native(x, t, backbone.encode(["", ""]))
+    assert guided.shape == x.shape
+    assert not torch.allclose(f_cond, f_uncond)
+    torch.testing.assert_close(guided, f_uncond + 4.5 * (f_cond - f_uncond), rtol=1e-4, atol=1e-5)
+
+
+@BOTH
+def test_decode_gives_differentiable_images_in_the_unit_range(loaded, name: str) -> None:
+    backbone = loaded[name]
+    torch.manual_seed(2)
+    latents = torch.randn(2, *backbone.latent_shape, requires_grad=True)
+    images = backbone.decode(latents)
+    assert images.shape == (2, 3, RESOLUTION, RESOLUTION)
+    assert images.min() >= 0 and images.max() <= 1
+    images.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+    config = backbone.vae.config
+    unscaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    with torch.no_grad():
+        expected = (backbone.vae.decode(unscaled).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images.detach(), expected)
+
+
+@BOTH
+def test_adapter_off_is_the_reference_after_lora_training(saved, name: str) -> None:
+    backbone = _load(saved, name)
+    torch.manual_seed(3)
+    x, t = torch.randn(2, *backbone.latent_shape), _time(backbone)
+    cond = backbone.encode(PROMPTS)
+    with torch.no_grad():
+        before = backbone.native(x, t, cond)
+
+    backbone.add_lora(rank=2, alpha=2.0)
+    params = backbone.trainable_parameters()
+    names = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n in names)
+    optimiser = torch.optim.SGD(params, lr=0.5)
+    for _ in range(2):  # lora_B starts at zero: the first step moves B only, the second moves A as well
+        optimiser.zero_grad()
+        backbone.native(x, t, cond).pow(2).mean().backward()
+        optimiser.step()
+
+    with torch.no_grad():
+        policy = backbone.native(x, t, cond)
+        reference = backbone.native(x, t, cond, adapter=False)
+        policy_again = backbone.native(x, t, cond)
+    assert not torch.allclose(policy, before, atol=1e-5)
+    torch.testing.assert_close(reference, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(policy_again, policy)  # the adapter is back on afterwards
+
+
+# --- missing weights ----------------------------------------------------------------------------
+
+
+def test_missing_component_folder_is_named(saved, tmp_path) -> None:
+    broken = tmp_path / "sd35"
+    shutil.copytree(saved["sd35"], broken)
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(
+        AssetError, match=r"missing transformer/;.*hf download stabilityai/stable-diffusion-3\.5"
+    ):
+        SD35(broken, resolution=RESOLUTION)
+
+
+def test_missing_weights_file_and_index_are_named(saved, tmp_path) -> None:
+    broken = tmp_path / "sd15"
+    shutil.copytree(saved["sd15"], broken)
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (broken / "model_index.json").unlink()
+    with pytest.raises(AssetError, match=r"missing model_index\.json, unet/\*\.safetensors") as error:
+        SD15(broken, resolution=RESOLUTION)
+    assert "vae" not in str(error.value).split("missing")[1].split(";")[0]
+
+
+@pytest.mark.parametrize("source", ["rsm-bench-tests/no-such-model", "/no/such/sd35/dir"])
+def test_unknown_hub_id_or_path_raises_an_asset_error(source: str) -> None:
+    with pytest.raises(AssetError, match="not a directory and not a hub id.*hf download"):
+        SD35(source)

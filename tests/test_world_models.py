@@ -1,0 +1,90 @@
+"""The tiny world's learned parts and scripts, on smoke-sized settings (the shipped weights are
+measured by `make tiny-check`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments import tiny_assets, tiny_check
+from reward_models.shapes_aesthetic import degrade
+from reward_models.shapes_clip import TinyCLIP, contrastive_loss
+from rsm_core.records import AssetError
+from rsm_core.world import prompts
+from rsm_core.world.assets import load_world
+from rsm_core.world.dataset import SceneSampler
+
+REQUIRED_KEYS = (
+    "detector_accuracy_min",
+    "flow_geneval",
+    "diffusion_geneval",
+    "flow_aesthetic",
+    "diffusion_aesthetic",
+    "flow_clip",
+    "diffusion_clip",
+    "diagnostic_variance",
+)
+
+
+def test_degradations_lower_the_target_and_clean_images_keep_ten() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images, _, _ = SceneSampler(prompts.split()[0])(generator, 64)
+    degraded, target = degrade(images, generator)
+    change = (degraded - images).abs().amax(dim=(1, 2, 3))
+    clean = target == 10.0
+    assert clean.any() and (~clean).any()
+    assert torch.all(change[clean] < 1e-6), "a full score must mean an untouched image"
+    assert torch.all(change[target < 9.0] > 1e-3), "a lowered score must come with a visible change"
+
+
+def test_contrastive_loss_treats_repeated_prompts_as_positives() -> None:
+    """Swapping two images of the same prompt cannot change the loss (it would with a one-hot target)."""
+    torch.manual_seed(0)
+    model = TinyCLIP(prompts.vocabulary())
+    images = torch.rand(4, 3, 32, 32)
+    texts = ["a photo of a circle", "a photo of a circle", "a photo of a square", "a photo of a square"]
+    loss = contrastive_loss(model, images, texts)
+    swapped = contrastive_loss(model, images[[1, 0, 2, 3]], texts)
+    torch.testing.assert_close(loss, swapped)
+    assert not torch.allclose(loss, contrastive_loss(model, images[[2, 1, 0, 3]], texts))
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    tiny_assets.main(["--smoke", "--out", str(out)])
+    return out
+
+
+def test_assets_round_trip_and_refuse_altered_files(smoke_world, tmp_path) -> None:
+    manifest = json.loads((smoke_world / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"clip", "aesthetic", "flow", "diffusion"}
+    assert manifest["git_sha"] and manifest["command"].startswith("python -m experiments.tiny_assets")
+    world = load_world(smoke_world)
+    assert world.flow.text_encoder is world.clip.text  # the CLIP text tower conditions the backbones
+    altered = tmp_path / "world"
+    altered.mkdir()
+    for path in smoke_world.iterdir():
+        (altered / path.name).write_bytes(path.read_bytes())
+    data = bytearray((altered / "tiny_flow.safetensors").read_bytes())
+    data[-1] ^= 1
+    (altered / "tiny_flow.safetensors").write_bytes(bytes(data))
+    with pytest.raises(AssetError, match="sha256"):
+        load_world(altered)
+    with pytest.raises(AssetError, match="make tiny-assets"):
+        load_world(tmp_path / "missing")
+
+
+def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None:
+    tiny_check.main(["--smoke", "--assets", str(smoke_world), "--results", str(tmp_path)])
+    report = json.loads((tmp_path / "tables" / "tiny_check.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in report, key
+    for backbone in ("flow", "diffusion"):
+        diag = report["diagnostic_variance"][backbone]
+        assert set(diag) == {"t", "shapes_geneval", "shapes_aesthetic", "shapes_clip"}
+        assert all(v >= 0 for v in diag["shapes_aesthetic"])
+    assert (tmp_path / "figures" / "tiny_samples.png").exists()
+    assert (tmp_path / "figures" / "tiny_reward_sensitivity.png").exists()
