@@ -284,6 +284,15 @@ def test_native_with_cfg_combines_both_branches(loaded, name: str) -> None:
 
 
 @BOTH
+def test_sample_ode_runs_on_the_backbones_grid(loaded, name: str) -> None:
+    backbone = loaded[name]
+    first = backbone.sample_ode(PROMPTS, 2, 4.5, torch.Generator().manual_seed(4))
+    again = backbone.sample_ode(PROMPTS, 2, 4.5, torch.Generator().manual_seed(4))
+    assert first.shape == (2, *backbone.latent_shape) and bool(first.isfinite().all())
+    torch.testing.assert_close(first, again)
+
+
+@BOTH
 def test_decode_gives_differentiable_images_in_the_unit_range(loaded, name: str) -> None:
     backbone = loaded[name]
     torch.manual_seed(2)
@@ -351,6 +360,32 @@ def test_missing_weights_file_and_index_are_named(saved, tmp_path) -> None:
     with pytest.raises(AssetError, match=r"missing model_index\.json, unet/\*\.safetensors") as error:
         SD15(broken, resolution=RESOLUTION)
     assert "vae" not in str(error.value).split("missing")[1].split(";")[0]
+
+
+def _fake_hub_cache(cache: Path, repo: str, pipeline: Path, monkeypatch) -> Path:
+    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/) holding a saved pipeline."""
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    shutil.copytree(pipeline, storage / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return storage / "snapshots" / commit
+
+
+def test_a_hub_id_loads_from_the_local_cache(saved, tmp_path, monkeypatch) -> None:
+    _fake_hub_cache(tmp_path, "rsm-bench-tests/tiny-sd15", saved["sd15"], monkeypatch)
+    backbone = SD15("rsm-bench-tests/tiny-sd15", resolution=RESOLUTION)
+    assert backbone.latent_shape == (4, 4, 4)
+
+
+def test_an_incomplete_hub_cache_names_the_missing_folder(saved, tmp_path, monkeypatch) -> None:
+    snapshot = _fake_hub_cache(tmp_path, "rsm-bench-tests/tiny-sd35", saved["sd35"], monkeypatch)
+    shutil.rmtree(snapshot / "text_encoder_3")
+    with pytest.raises(AssetError, match=r"missing text_encoder_3/;"):
+        SD35("rsm-bench-tests/tiny-sd35", resolution=RESOLUTION)
 
 
 @pytest.mark.parametrize("source", ["rsm-bench-tests/no-such-model", "/no/such/sd35/dir"])

@@ -93,10 +93,13 @@ def resolve_weights(source: str | Path, components: Sequence[str], repo: str) ->
         try:
             root = Path(snapshot_download(str(source), local_files_only=True))
         except (OSError, ValueError) as error:  # not cached / not a valid repo id
-            raise AssetError(
-                f"no model at {source!r}: it is not a directory and not a hub id in the local Hugging Face "
-                f"cache ({type(error).__name__}); {_download_hint(repo)}"
-            ) from None
+            partial = getattr(error, "snapshot_path", None)  # huggingface_hub's IncompleteSnapshotError
+            if partial is None:
+                raise AssetError(
+                    f"no model at {source!r}: it is not a directory and not a hub id in the local Hugging "
+                    f"Face cache ({type(error).__name__}); {_download_hint(repo)}"
+                ) from None
+            root = Path(partial)  # a snapshot without files this pipeline never reads is still usable
     missing = missing_files(root, components)
     if missing:
         raise AssetError(
@@ -218,13 +221,18 @@ class _DiffusersBackbone(Backbone):
     # --- images ---------------------------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        side = self.resolution // 4
+        side = self.resolution // self.vae_scale_factor
         return (self.model.config.in_channels, side, side)
 
     def _decode_scaled(self, z: Tensor) -> Tensor:
         """VAE latents (already unscaled) -> images in [0, 1], differentiable in z."""
-        images = self.vae.decode(z.to(self.vae.dtype)).sample
-        return (images / 2 + 0.5).clamp(0, 1).to(z.dtype)
+        images = self.vae.decode(self._in(z)).sample
+        return (images / 2 + 0.5).clamp(0, 1).to(z.device, z.dtype)
+
+    def _in(self, x: Tensor) -> Tensor:
+        """Inputs onto the model's device and dtype (samplers draw float32 noise on the CPU); outputs go
+        back to the caller's device and dtype."""
+        return x.to(self.device, self.dtype)
 
 
 class SD35(_DiffusersBackbone):
@@ -271,16 +279,16 @@ class SD35(_DiffusersBackbone):
 
     def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
         out = self.model(
-            x.to(self.dtype),
+            self._in(x),
             encoder_hidden_states=cond.tokens,
             pooled_projections=cond.pooled,
-            timestep=timestep,
+            timestep=timestep.to(self.device),
         ).sample
-        return out.to(x.dtype)
+        return out.to(x.device, x.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         config = self.vae.config
-        return self._decode_scaled(latents / config.scaling_factor + config.shift_factor)
+        return self._decode_scaled(latents / config.scaling_factor + (config.shift_factor or 0.0))
 
 
 class SD15(_DiffusersBackbone):
@@ -330,7 +338,8 @@ class SD15(_DiffusersBackbone):
         return Cond(tokens, mask, tokens[:, 0].clone())  # pooled: unused by the UNet, kept for the Cond type
 
     def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        return self.model(x.to(self.dtype), timestep, encoder_hidden_states=cond.tokens).sample.to(x.dtype)
+        out = self.model(self._in(x), timestep.to(self.device), encoder_hidden_states=cond.tokens).sample
+        return out.to(x.device, x.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self._decode_scaled(latents / self.vae.config.scaling_factor)
