@@ -21,6 +21,7 @@ from rsm_core.flows import TimePoint
 from rsm_core.kernels import Kernel
 
 FlowKind = Literal["rf-v", "vp-eps"]
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets (SD1.5, SD3.5, tiny)
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,12 @@ class FlowSpec:
 
 
 class Backbone:
-    """Shared machinery; a concrete backbone sets ``model``, ``flow``, ``lora_targets`` and implements
-    ``_encode``, ``_forward`` and ``decode``."""
+    """Shared machinery; a concrete backbone sets ``model``, ``flow`` and ``latent_shape`` (and
+    ``lora_targets`` if not the attention projections) and implements _encode, _forward, decode."""
 
     model: nn.Module
     flow: FlowSpec
-    lora_targets: tuple[str, ...]
+    lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS
 
     def __init__(self) -> None:
         self._cache: dict[str, Cond] = {}

@@ -27,7 +27,6 @@ from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
 
 SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets for both models
 
 SD35_COMPONENTS = (
     "transformer",
@@ -160,7 +159,6 @@ class PromptCache:
 class _DiffusersBackbone(Backbone):
     """Device/dtype handling, frozen components and the disk cache shared by SD35 and SD15."""
 
-    lora_targets = LORA_TARGETS
     latent_multiple: int  # the resolution must be a multiple of this (VAE factor x denoiser stride)
 
     def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype, resolution: int) -> None:

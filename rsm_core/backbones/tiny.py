@@ -19,8 +19,6 @@ from rsm_core import flows
 from rsm_core.backbones.base import Backbone, FlowSpec
 from rsm_core.backbones.text import Cond, TinyTextEncoder
 
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets for both models
-
 
 @dataclass(frozen=True)
 class TinyFlowConfig:
@@ -47,8 +45,6 @@ def pixels_to_images(x: Tensor) -> Tensor:
 
 
 class _TinyBackbone(Backbone):
-    lora_targets = ATTENTION_PROJECTIONS
-
     def __init__(self, text_encoder: TinyTextEncoder) -> None:
         super().__init__()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
