@@ -33,8 +33,8 @@ class AssetSettings:
     clip_batch: int = 128
     aesthetic_steps: int = 1500
     aesthetic_batch: int = 64
-    flow_steps: int = 1500
-    diffusion_steps: int = 900
+    flow_steps: int = 2000
+    diffusion_steps: int = 1100
     backbone_batch: int = 64
     seed: int = 0
 

@@ -15,6 +15,7 @@ from rsm_core.records import AssetError
 from rsm_core.world import prompts
 from rsm_core.world.assets import load_world
 from rsm_core.world.dataset import SceneSampler
+from rsm_core.world.pretrain import update_ema
 
 REQUIRED_KEYS = (
     "detector_accuracy_min",
@@ -49,6 +50,15 @@ def test_contrastive_loss_treats_repeated_prompts_as_positives() -> None:
     swapped = contrastive_loss(model, images[[1, 0, 2, 3]], texts)
     torch.testing.assert_close(loss, swapped)
     assert not torch.allclose(loss, contrastive_loss(model, images[[2, 1, 0, 3]], texts))
+
+
+def test_ema_forgets_the_initialisation() -> None:
+    model, ema = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    start = (ema.weight - model.weight).abs().max()
+    for step in range(300):
+        update_ema(ema, model, step, max_decay=0.999)
+    # the warm-up keeps prod_n (1 + n)/(10 + n) ~ 2e-17 of the start; a constant 0.999 would keep 74 %
+    assert (ema.weight - model.weight).abs().max() < 1e-6 * start
 
 
 @pytest.fixture(scope="module")
