@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from experiments import tiny_check
 from experiments.cli import run
 from reward_models.shapes_aesthetic import train_aesthetic
 from reward_models.shapes_clip import train_clip
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         **stats,
     }
     manifest = save_world(world, args.out, provenance)
-    print(f"wrote {manifest} ({provenance['total_seconds'] / 60:.1f} min)")
+    print(f"wrote {manifest} ({provenance['total_seconds'] / 60:.1f} min); measuring its quality")
+    check = ["--assets", str(args.out), "--record-quality"]
+    tiny_check.main([*check, "--smoke", "--results", str(args.out / "smoke_check")] if args.smoke else check)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from experiments.cli import run
 from reward_models.shapes_geneval import ShapesGenEval
 from rsm_core.records import atomic_write_text
 from rsm_core.world import prompts
-from rsm_core.world.assets import ASSET_DIR, SAMPLING, World, load_world
+from rsm_core.world.assets import ASSET_DIR, SAMPLING, World, load_world, update_manifest
 from rsm_core.world.diagnostics import branch_reward_variance
 from rsm_core.world.scenes import render_batch, sample_scene
 
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=ASSET_DIR)
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--smoke", action="store_true", help="tiny counts (for tests)")
+    parser.add_argument(
+        "--record-quality",
+        action="store_true",
+        help="also write the headline numbers into the assets' manifest",
+    )
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else CheckSettings()
     start = time.perf_counter()
@@ -203,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     texts = [m["prompt"] for m in test for _ in range(settings.seeds_per_prompt)]
     plot_samples(samples, texts, settings, args.results / "figures" / "tiny_samples")
     plot_sensitivity(diag, args.results / "figures" / "tiny_reward_sensitivity")
+    if args.record_quality:
+        headline = {k: v for k, v in report.items() if not isinstance(v, dict) and k != "seconds"}
+        update_manifest(args.assets, quality={**headline, "detector_accuracy": accuracy})
     print(f"wrote {table} and the tiny_samples / tiny_reward_sensitivity figures ({report['seconds']:.0f} s)")
 
 

@@ -72,11 +72,15 @@ def test_assets_round_trip_and_refuse_altered_files(smoke_world, tmp_path) -> No
     manifest = json.loads((smoke_world / "manifest.json").read_text())
     assert set(manifest["files"]) == {"clip", "aesthetic", "flow", "diffusion"}
     assert manifest["git_sha"] and manifest["command"].startswith("python -m experiments.tiny_assets")
+    assert {"flow_geneval", "diffusion_geneval", "detector_accuracy_min"} <= set(manifest["quality"])
+    train = prompts.read_jsonl(smoke_world / manifest["prompts"]["train"]["file"])
+    test = prompts.read_jsonl(smoke_world / manifest["prompts"]["test"]["file"])
+    assert train and test and not {m["prompt"] for m in train} & {m["prompt"] for m in test}
     world = load_world(smoke_world)
     assert world.flow.text_encoder is world.clip.text  # the CLIP text tower conditions the backbones
     altered = tmp_path / "world"
     altered.mkdir()
-    for path in smoke_world.iterdir():
+    for path in smoke_world.glob("*.*"):
         (altered / path.name).write_bytes(path.read_bytes())
     data = bytearray((altered / "tiny_flow.safetensors").read_bytes())
     data[-1] ^= 1

@@ -75,8 +75,19 @@ def save_world(world: World, directory: Path, provenance: dict) -> Path:
         save_tensors_atomic(path, {k: v.contiguous() for k, v in module.state_dict().items()})
         files[name] = {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size}
     manifest = directory / MANIFEST
-    atomic_write_text(manifest, json.dumps({"files": files, **provenance}, indent=2, sort_keys=True) + "\n")
+    content = {"files": files, "prompts": write_prompt_splits(directory), **provenance}
+    atomic_write_text(manifest, json.dumps(content, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def write_prompt_splits(directory: Path) -> dict[str, dict]:
+    """The train/test prompt metadata the world was trained and is evaluated on, as GenEval-style JSONL."""
+    entries = {}
+    for name, metadata in zip(("train", "test"), prompts.split(), strict=True):
+        path = directory / f"{name}_metadata.jsonl"
+        prompts.write_jsonl(path, metadata)
+        entries[name] = {"file": path.name, "sha256": sha256(path), "entries": len(metadata)}
+    return entries
 
 
 def load_world(directory: Path = ASSET_DIR) -> World:
@@ -96,9 +107,9 @@ def load_world(directory: Path = ASSET_DIR) -> World:
     return world
 
 
-def set_quality(directory: Path, quality: dict) -> None:
-    """Record the measured quality in the manifest (after `tiny-check`-style evaluation)."""
+def update_manifest(directory: Path, **fields) -> None:
+    """Add or replace top-level manifest fields (tiny-check records the measured quality this way)."""
     manifest_path = directory / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest["quality"] = quality
+    manifest.update(fields)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from rsm_core.records import atomic_write_text
 from rsm_core.world.scenes import COLORS, RELATIONS, SHAPES
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -116,18 +116,10 @@ def vocabulary() -> list[str]:
 
 
 def write_jsonl(path: str | os.PathLike, entries: Iterable[dict]) -> None:
-    """One JSON object per line, written to a temp file and renamed so readers never see half a file."""
+    """One JSON object per line, written atomically so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for entry in entries:
-                handle.write(json.dumps(entry) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in entries))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
