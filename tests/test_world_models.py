@@ -11,10 +11,13 @@ import torch
 from experiments import tiny_assets, tiny_check
 from reward_models.shapes_aesthetic import degrade
 from reward_models.shapes_clip import TinyCLIP, contrastive_loss
+from rsm_core.backbones.base import Backbone, FlowSpec
+from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError
 from rsm_core.world import prompts
 from rsm_core.world.assets import load_world
 from rsm_core.world.dataset import SceneSampler
+from rsm_core.world.diagnostics import branch_reward_variance
 from rsm_core.world.pretrain import update_ema
 
 REQUIRED_KEYS = (
@@ -102,3 +105,38 @@ def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None
         assert all(v >= 0 for v in diag["shapes_aesthetic"])
     assert (tmp_path / "figures" / "tiny_samples.png").exists()
     assert (tmp_path / "figures" / "tiny_reward_sensitivity.png").exists()
+
+
+class _StillBackbone(Backbone):
+    """A velocity model that always predicts 0: the ODE leaves states where they are, so the only
+    randomness in a branch is the one SDE step."""
+
+    flow = FlowSpec("rf-v", shift=3.0)
+    latent_shape = (1, 2, 2)
+
+    def _encode(self, prompts):
+        zeros = torch.zeros(len(prompts), 1, 4)
+        return Cond(zeros, torch.ones(len(prompts), 1, dtype=torch.bool), zeros[:, 0])
+
+    def _forward(self, x, timestep, cond):
+        return torch.zeros_like(x)
+
+    def decode(self, latents):
+        return latents
+
+
+def test_branch_variance_is_the_sde_step_variance_for_a_still_model() -> None:
+    """With v = 0 and reward sum(x), the children of step i differ by nu_i eps: variance 4 nu_i^2."""
+    backbone, steps, children = _StillBackbone(), 5, 4000
+    variances = branch_reward_variance(
+        backbone,
+        {"sum": lambda images, p, m: images.flatten(1).sum(1)},
+        ["", ""],
+        [{}, {}],
+        steps,
+        children,
+        cfg=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )["sum"]
+    nu = torch.stack([k.nu for k in backbone.flow.sde_kernels(steps)]).float()
+    torch.testing.assert_close(variances, 4 * nu**2, rtol=0.1, atol=0)
