@@ -29,6 +29,7 @@ from rsm_core.world.scenes import render_batch, sample_scene
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from experiments.plot import save_figure  # noqa: E402
 
@@ -136,14 +137,10 @@ def plot_samples(
             if col == 0:
                 ax.set_ylabel(f"tiny {name}", fontsize=8)
     fig.tight_layout()
-    import pandas as pd
-
     save_figure(fig, pd.DataFrame({"prompt": [texts[i] for i in picks]}), out)
 
 
 def plot_sensitivity(diag: dict, out: Path) -> None:
-    import pandas as pd
-
     rows = [
         {
             "backbone": b,

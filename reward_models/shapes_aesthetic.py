@@ -8,12 +8,13 @@ policy can raise it by going beyond the clean renders it was trained on (e.g. ov
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rsm_core.optim import fit
 
 DEGRADATIONS = ("blur", "noise", "washout", "clutter")
 MAX_SCORE = 10.0
@@ -109,18 +110,10 @@ def train_aesthetic(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = AestheticNet()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
+
+    def step_loss(step: int) -> Tensor:
         images, target = degrade(clean_batch(generator, batch), generator)
-        loss = F.mse_loss(net(images), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress is not None:
-            progress(step, loss.item())
-    return net.eval(), loss.item()
+        return F.mse_loss(net(images), target)
+
+    loss = fit(net.parameters(), step_loss, steps, lr, progress=progress)
+    return net.eval(), loss

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from reward_models.shapes_aesthetic import ShapesAesthetic
 from rsm_core.backbones.text import TextEncoderConfig, TinyTextEncoder
+from rsm_core.optim import fit
 
 PairSampler = Callable[[torch.Generator, int], tuple[Tensor, list[str]]]  # -> (images in [0,1], prompts)
 
@@ -78,21 +79,13 @@ def train_clip(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = TinyCLIP(vocabulary)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
+
+    def step_loss(step: int) -> Tensor:
         images, prompts = pairs(generator, batch)
-        loss = contrastive_loss(model, images, prompts)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress is not None:
-            progress(step, loss.item())
-    return model.eval(), loss.item()
+        return contrastive_loss(model, images, prompts)
+
+    loss = fit(model.parameters(), step_loss, steps, lr, progress=progress)
+    return model.eval(), loss
 
 
 class ShapesCLIP:

@@ -303,3 +303,13 @@ def test_clip_norm_caps_each_sample() -> None:
     clipped_grad = vgg_flow.clip_norm(grad, 1.0)
     norms = reduce_per_sample(clipped_grad**2, "sum").sqrt()
     assert torch.allclose(clipped_grad[0], grad[0]) and torch.isclose(norms[1], torch.tensor(1.0))
+
+
+def test_a_loss_names_the_fields_its_rows_lack() -> None:
+    method = registry.get("tempflow-grpo")
+    rows, time = make_rows(method, TinyNet(0).double(), TinyNet(1).double())
+    rows = replace(rows, branch_weight=None, f_ref=None)
+    with pytest.raises(
+        ValueError, match=r"TempFlow-GRPO needs the transition fields \['f_ref', 'branch_weight'\]"
+    ):
+        method.loss(rows.f_old, rows, method.config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from rsm_core.backbones.base import Backbone
+from rsm_core.optim import fit
 from rsm_core.world.dataset import SceneSampler
 
 
@@ -46,33 +46,26 @@ def pretrain(
     torch.manual_seed(settings.seed)
     model = backbone.model.train()
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
 
-    def lr_factor(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        return 0.5 * (
-            1 + math.cos(math.pi * (step - settings.warmup) / max(1, settings.steps - settings.warmup))
-        )
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    loss = torch.tensor(float("nan"))
-    for step in range(settings.steps):
+    def step_loss(step: int) -> torch.Tensor:
         images, prompts, _ = scenes(generator, settings.batch)
         drop = torch.rand(len(prompts), generator=generator) < settings.cfg_dropout
         prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts, strict=True)]
         x0 = images * 2 - 1
         noise = torch.randn(x0.shape, generator=generator)
         x_t, t, target = backbone.flow.training_example(x0, noise, generator)
-        loss = F.mse_loss(backbone.native(x_t, t, backbone.encode(prompts)), target)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        schedule.step()
-        update_ema(ema, model, step, settings.ema_decay)
-        if progress is not None:
-            progress(step, loss.item())
+        return F.mse_loss(backbone.native(x_t, t, backbone.encode(prompts)), target)
+
+    loss = fit(
+        model.parameters(),
+        step_loss,
+        settings.steps,
+        settings.lr,
+        warmup=settings.warmup,
+        grad_clip=settings.grad_clip,
+        after_step=lambda step: update_ema(ema, model, step, settings.ema_decay),
+        progress=progress,
+    )
     model.load_state_dict(ema.state_dict())
     model.eval()
-    return loss.item()
+    return loss
