@@ -7,12 +7,20 @@ MODE        ?= trained
 ARGS        ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
+# SCALE=paper runs on GPUs through accelerate (2 processes for Figure 3, 4 for the GenEval run)
+ifeq ($(SCALE),paper)
+RUN_FIG3       = $(VENV)/bin/accelerate launch --num_processes 2 --num_machines 1 -m
+RUN_FIG_ZO     = $(VENV)/bin/accelerate launch --num_processes 4 --num_machines 1 -m
+else
+RUN_FIG3       = $(PY) -m
+RUN_FIG_ZO     = $(PY) -m
+endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint fig-toy fig-nim table1 toy-assets tiny-assets tiny-check clean-venv
+.PHONY: help setup test test-slow lint fig3 fig-zo-flow bench fig-toy fig-nim table1 toy-assets tiny-assets tiny-check clean-venv
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv, install $(TORCH_SPEC) then this package (idempotent)
 
@@ -32,6 +40,15 @@ test-slow: setup  ## the tests marked slow
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+fig3: setup  ## Figure 3: TempFlow-GRPO vs Uniform vs Equal Variance Reallocation (SCALE=smoke|tiny|paper|1gpu)
+	$(RUN_FIG3) experiments.fig3 --scale $(SCALE) $(ARGS)
+
+fig-zo-flow: setup  ## GenEval validation: lowsnr2 + matching + fair clip2 vs TempFlow-GRPO (SCALE=smoke|tiny|paper)
+	$(RUN_FIG_ZO) experiments.fig_zo_flow --scale $(SCALE) $(ARGS)
+
+bench: setup  ## per-epoch time split and NFE per parent of each Figure 3 arm (results/tables/bench_zo_flow.md)
+	$(PY) -m experiments.bench $(ARGS)
 
 fig-toy: setup  ## toy estimator figure (SCALE=smoke|tiny|paper, MODE=trained|oracle, ARGS="--set k=v")
 	$(PY) -m experiments.fig_toy --scale $(SCALE) --mode $(MODE) $(ARGS)

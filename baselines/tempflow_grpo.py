@@ -21,6 +21,7 @@ from torch import Tensor
 from baselines.common import (
     KLDenominator,
     clip_advantage,
+    flow_step,
     kl_scale,
     kl_to_reference,
     mean_log_ratio,
@@ -32,11 +33,15 @@ from rsm_core.loss import Coefficients, Surrogate, clipped_ratio, matching
 from rsm_core.transitions import Transitions
 
 Objective = Literal["ppo", "matching"]
+# The reweight options of the published trainer (spec §8.1-8.2); Figure 3's redesigns use fair_clip,
+# the GenEval redesign fair_clip2 (fair clipping with GRPO-Guard's temporal weight nu_t / delta_t).
+Reweight = Literal["base", "tempflow", "fair_clip", "fair_clip2"]
 
 
 @dataclass(frozen=True)
 class TempFlowConfig:
     objective: Objective = "ppo"
+    reweight: Reweight = "tempflow"
     # Hard-coded in the published code; 1 / mean_t nu_t = 2.2522 over the 9 trained SD3.5 steps, so
     # the weights average to about one there.
     noise_weight_scale: float = 2.25
@@ -51,6 +56,33 @@ def noise_weight(rows: Transitions, config: TempFlowConfig) -> Tensor:
     return config.noise_weight_scale * rows.kernel.nu
 
 
+def clip_scale_and_weight(rows: Transitions, config: TempFlowConfig) -> tuple[Tensor, Tensor]:
+    """(kappa_t, lambda_t): the clip acts on kappa_t log rho and lambda_t multiplies the clipped term.
+
+    Spec §8.1/8.2: tempflow puts 2.25 nu_t outside the clip for "ppo" and inside for "matching";
+    fair clipping clips nu_t^2 log rho (a mean shift in latent units) and divides by nu_t^2 outside,
+    times GRPO-Guard's nu_t / delta_t for fair_clip2.
+    """
+    one = torch.ones_like(rows.kernel.nu)
+    nu = rows.kernel.nu
+    if config.reweight == "base":
+        return one, one
+    if config.reweight == "tempflow":
+        gamma = noise_weight(rows, config)
+        return (one, gamma) if config.objective == "ppo" else (gamma, one)
+    if config.reweight == "fair_clip":
+        return nu**2, 1 / nu**2
+    if config.reweight == "fair_clip2":
+        if config.objective == "ppo":
+            raise ValueError(
+                "reweight fair_clip2 exists only for objective 'matching' (as in the published code)"
+            )
+        return nu**2, 1 / (nu * flow_step(rows.kernel))
+    raise ValueError(
+        f"unknown TempFlow reweight {config.reweight!r}; choose base, tempflow, fair_clip or fair_clip2"
+    )
+
+
 def row_weight(rows: Transitions) -> Tensor:
     """k_avg / k_i on rows with a non-zero advantage, 0 on masked rows."""
     return rows.branch_weight * (rows.advantage != 0)
@@ -59,25 +91,24 @@ def row_weight(rows: Transitions) -> Tensor:
 def loss(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> Surrogate:
     rows.require("noise", "advantage", "f_ref", "branch_weight", method="TempFlow-GRPO")
     adv = clip_advantage(rows, config.adv_clip_max)
-    log_ratio = mean_log_ratio(f_theta, rows)
-    gamma = noise_weight(rows, config)
+    scale, weight = clip_scale_and_weight(rows, config)
+    scaled_log_ratio = scale * mean_log_ratio(f_theta, rows)
     if config.objective == "ppo":
-        policy = clipped_ratio(log_ratio, adv, config.clip_range)
-        policy = Surrogate(gamma * policy.loss, policy.active)
+        policy = clipped_ratio(scaled_log_ratio, adv, config.clip_range)
     elif config.objective == "matching":
-        policy = matching(gamma * log_ratio, adv, config.clip_range)
+        policy = matching(scaled_log_ratio, adv, config.clip_range)
     else:
         raise ValueError(f"unknown TempFlow objective {config.objective!r}; choose 'ppo' or 'matching'")
     kl = kl_to_reference(f_theta, rows, config.kl_denominator)
-    return Surrogate(row_weight(rows) * (policy.loss + config.beta * kl), policy.active)
+    return Surrogate(row_weight(rows) * (weight * policy.loss + config.beta * kl), policy.active)
 
 
 def coefficients(f_theta: Tensor, rows: Transitions, config: TempFlowConfig, active: Tensor) -> Coefficients:
-    weight = row_weight(rows)
-    policy = weight * active * clip_advantage(rows, config.adv_clip_max) * noise_weight(rows, config)
+    scale, weight = clip_scale_and_weight(rows, config)
+    policy = row_weight(rows) * active * clip_advantage(rows, config.adv_clip_max) * scale * weight
     if config.objective == "ppo":
-        policy = policy * torch.exp(mean_log_ratio(f_theta, rows)).detach()
-    alpha = weight * config.beta * kl_scale(rows.kernel, config.kl_denominator)
+        policy = policy * torch.exp(scale * mean_log_ratio(f_theta, rows)).detach()
+    alpha = row_weight(rows) * config.beta * kl_scale(rows.kernel, config.kl_denominator)
     return policy_gradient_coefficients(rows.kernel.w, rows.noise, policy, alpha, rows.elements)
 
 

@@ -19,11 +19,13 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rsm_core.config import config_to_dict, to_yaml
@@ -73,13 +75,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors written atomically (a crash leaves the previous file or none, never half a file)."""
+def save_tensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors written atomically (a crash leaves the previous file or none, never half a file);
+    ``metadata`` (strings) travels in the same file, so tensors and bookkeeping can never disagree."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -90,6 +95,11 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def load_tensors_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,6 +184,35 @@ class RunRecord:
         atomic_write_text(path / "status.json", json.dumps({"state": "running"}) + "\n")
         (path / "metrics.jsonl").touch()
         return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
+
+    @classmethod
+    def create_or_resume(cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto") -> RunRecord:
+        """A new run, or the unfinished run of the same name and the same config (the rerun of a
+        killed command). A complete run, or one with another config, is never touched."""
+        path = Path(root) / name
+        if not path.exists():
+            return cls.create(root, name, config, wandb=wandb)
+        if cls.is_complete(path):
+            raise RunExistsError(
+                f"run {path} is already complete and runs are never overwritten: choose another name, "
+                "or delete that directory to rerun it"
+            )
+        config_dict = config_to_dict(config) if not isinstance(config, dict) else config
+        saved = (path / "config.yaml").read_text() if (path / "config.yaml").exists() else None
+        wanted = to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2)
+        if saved != wanted:
+            raise RunExistsError(
+                f"run directory {path} holds an unfinished run with a different config; resume it with "
+                "its own config, choose another name, or delete the directory"
+            )
+        atomic_write_text(path / "status.json", json.dumps({"state": "running", "resumed": True}) + "\n")
+        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
+
+    def truncate_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop the metrics rows ``keep`` rejects (rows logged after the checkpoint a resume starts from)."""
+        rows = read_metrics(self.path, allow_incomplete=True)
+        text = "".join(json.dumps(row) + "\n" for row in rows if keep(row))
+        atomic_write_text(self.path / "metrics.jsonl", text)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row to metrics.jsonl (flushed and fsynced) and mirror it to wandb."""

@@ -103,3 +103,88 @@ def rollout(
         if i == start:
             first_noise = noise.repeat_interleave(group, dim=0)
     return Rollout(x, first_noise, path_kl)
+
+
+# ------------------------------------------------------------------------------------------------
+# Branching rollout (TempFlow-GRPO's sampler, zo_flow_tempflow spec §5)
+# ------------------------------------------------------------------------------------------------
+
+GuidedFn = Callable[[Tensor, int, Tensor], Tensor]  # (states, grid step, parent index per row) -> native
+
+
+@dataclass
+class BranchRollout:
+    """Parents' ODE trunks and one row per child: the child left trunk state x_i of parent p with one
+    SDE step (noise eps) and followed the ODE to the end (``final``)."""
+
+    trunk: Tensor  # (P, N, *D): x_0 .. x_{N-1} of each parent's deterministic trajectory
+    trunk_native: Tensor  # (P, N - 1, *D): the policy's output at trunk steps 0 .. N-2
+    parent: Tensor  # (R,) parent index of each child row
+    step: Tensor  # (R,) the step i it branched at
+    noise: Tensor  # (R, *D) its SDE draw
+    final: Tensor  # (R, *D) its terminal state
+    nfe: int  # guided model calls spent
+
+
+def _evaluate(native: GuidedFn, x: Tensor, step: int, parents: Tensor, chunk: int) -> Tensor:
+    return torch.cat(
+        [native(x[s : s + chunk], step, parents[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+    )
+
+
+@torch.no_grad()
+def branching_rollout(
+    native: GuidedFn,
+    ode: Sequence[Kernel],
+    sde: Sequence[Kernel],
+    start: Tensor,
+    branches: Sequence[int],
+    generator: torch.Generator,
+    chunk: int = 64,
+) -> BranchRollout:
+    """Pass 1: ODE trunks; pass 2a: k_i SDE children of x_i per parent; pass 2b: ODE to the end.
+
+    The k_i children of a (parent, step) share the trunk's model output at x_i, which pass 1 already
+    computed, so no evaluation is repeated: NFE per parent = (N - 1) + sum_i k_i (N - 1 - i)
+    (``Profile.nfe_per_parent``). Kernel arithmetic runs in float64, states are stored in float32.
+    """
+    steps, parents = len(ode), start.shape[0]
+    if len(branches) > steps - 1:
+        raise ValueError(
+            f"a profile for an {steps}-step sampler has at most {steps - 1} entries, got {len(branches)}"
+        )
+    everyone = torch.arange(parents)
+    trunk, natives, nfe = [start], [], 0
+    for i in range(steps - 1):
+        natives.append(_evaluate(native, trunk[i], i, everyone, chunk))
+        nfe += parents
+        trunk.append(ode[i].mean(trunk[i].double(), natives[i].double()).float())
+    parent_rows, step_rows, noises, children = [], [], [], []
+    for i, k in enumerate(branches):
+        if k == 0:
+            continue
+        x = trunk[i].repeat_interleave(k, 0)
+        noise = torch.randn(x.shape, generator=generator)
+        children.append(
+            sde[i].sample(x.double(), natives[i].repeat_interleave(k, 0).double(), noise.double()).float()
+        )
+        noises.append(noise)
+        parent_rows.append(everyone.repeat_interleave(k))
+        step_rows.append(torch.full((parents * k,), i))
+    state, parent, step = torch.cat(children), torch.cat(parent_rows), torch.cat(step_rows)
+    for j in range(1, steps):
+        moving = torch.nonzero(step < j).squeeze(1)  # children of steps before j are now at grid step j
+        if moving.numel() == 0:
+            continue
+        f = _evaluate(native, state[moving], j, parent[moving], chunk)
+        nfe += moving.numel()
+        state[moving] = ode[j].mean(state[moving].double(), f.double()).float()
+    return BranchRollout(
+        trunk=torch.stack(trunk, 1),
+        trunk_native=torch.stack(natives, 1),
+        parent=parent,
+        step=step,
+        noise=torch.cat(noises),
+        final=state,
+        nfe=nfe,
+    )

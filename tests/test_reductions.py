@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from baselines import grpo, registry, residual_nabla_db, vgg_flow
+from baselines import grpo, registry, residual_nabla_db, tempflow_grpo, vgg_flow
 from baselines.method import Method
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, rsm_loss
@@ -313,3 +313,35 @@ def test_a_loss_names_the_fields_its_rows_lack() -> None:
         ValueError, match=r"TempFlow-GRPO needs the transition fields \['f_ref', 'branch_weight'\]"
     ):
         method.loss(rows.f_old, rows, method.config)
+
+
+TEMPFLOW_REWEIGHTS = [
+    (objective, reweight)
+    for objective in ("ppo", "matching")
+    for reweight in ("base", "tempflow", "fair_clip", "fair_clip2")
+    if (objective, reweight) != ("ppo", "fair_clip2")
+]
+
+
+@pytest.mark.parametrize(("objective", "reweight"), TEMPFLOW_REWEIGHTS)
+def test_every_tempflow_reweight_reduces(objective: str, reweight: str, nets) -> None:
+    """The redesigns' reweights (fair clipping, fair_clip2) reduce like the published tempflow one."""
+    base = registry.get("tempflow-grpo")
+    method = replace(base, config=replace(base.config, objective=objective, reweight=reweight))
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    seen_clipped = False
+    for distance in (0.0, *MOVES):
+        net = policy if distance == 0.0 else moved(policy, distance)
+        errors, active = check(method, net, rows, time)
+        assert errors.max() <= TOLERANCE, f"{objective}/{reweight} at {distance}: {errors.tolist()}"
+        seen_clipped |= bool((~active).any())
+    assert seen_clipped, "the moves must exercise the clipped branch"
+
+
+def test_fair_clip2_has_no_ratio_form() -> None:
+    base = registry.get("tempflow-grpo")
+    config = replace(base.config, reweight="fair_clip2")
+    rows, _ = make_rows(base, TinyNet(0).double(), TinyNet(1).double())
+    with pytest.raises(ValueError, match="only for objective 'matching'"):
+        tempflow_grpo.loss(rows.f_old, rows, config)

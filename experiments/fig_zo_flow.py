@@ -1,0 +1,40 @@
+"""`make fig-zo-flow`: the GenEval validation of zeroth-order flow matching (paper Fig. 16a).
+
+The redesign — branching only at the first four low-SNR steps (profile lowsnr2), the "matching"
+objective with fair clipping and GRPO-Guard's temporal weight (fair_clip2) and ODE-anchor KL rows on
+the steps without branches — against the TempFlow-GRPO baseline, both in the GenEval preset
+(beta 0.004, exact KL denominator), trained on the partial GenEval score. Tiny scale: the tiny flow
+model with shapes_geneval; paper scale: SD3.5-M with the remote GenEval reward server.
+"""
+
+from __future__ import annotations
+
+from experiments import zo_sweep
+from experiments.cli import run
+
+ARMS = {
+    "TempFlow-GRPO": ["arm.profile=base", "arm.loss.objective=ppo", "arm.loss.reweight=tempflow"],
+    "lowsnr2 + matching + fair clip2": [
+        "arm.profile=lowsnr2",
+        "arm.loss.objective=matching",
+        "arm.loss.reweight=fair_clip2",
+        "arm.ode_anchors=true",
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    zo_sweep.main(
+        argv,
+        figure="fig_zo_flow",
+        doc=__doc__,
+        arms=ARMS,
+        title="GenEval validation — zeroth-order flow",
+        ylabel="evaluation GenEval strict accuracy (mean over test images)",
+        y="strict",
+        extra={"strict": ("eval_shapes_geneval_strict", "eval_geneval-server-strict")},
+    )
+
+
+if __name__ == "__main__":
+    run(main)

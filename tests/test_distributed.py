@@ -1,0 +1,80 @@
+"""Data parallelism: two synchronised CPU processes (gloo, via accelerate) end an epoch with the same
+LoRA weights as one process that runs both shards with the same global batch.
+
+PLATFORM.md: `accelerate launch --cpu --num_processes 2` silently runs one process, so the launch
+uses ACCELERATE_USE_CPU with --multi_gpu; the test checks that two ranks really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsm_core.records import load_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "tempflow-grpo-seed0"
+SETTINGS = [
+    "--scale",
+    "smoke",
+    "--set",
+    "arms=[TempFlow-GRPO]",
+    "--set",
+    "run.loop.epochs=1",
+    "--set",
+    "run.arm.prompts_per_epoch=2",
+]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+def params(path: Path) -> list[torch.Tensor]:
+    tensors = load_tensors(path)
+    return [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_two_shards(tmp_path: Path) -> None:
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.fig3",
+            *SETTINGS,
+            "--set",
+            "run.shards=2",
+            "--runs-dir",
+            str(single),
+        ],
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
+    )
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29533",
+        "-m", "experiments.fig3", *SETTINGS, "--runs-dir", str(double),
+    ]  # fmt: skip
+    subprocess.run(
+        launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "true"}, check=True, capture_output=True
+    )
+
+    run_single, run_double = single / "fig3-smoke" / RUN, double / "fig3-smoke" / RUN
+    assert not (run_single / "checkpoint-rank1.safetensors").exists()
+    assert (run_double / "checkpoint-rank1.safetensors").exists(), "the second process did not run"
+    reference = params(run_single / "checkpoint-rank0.safetensors")
+    assert any(float(p.abs().max()) > 0 for p in reference), "LoRA B stayed zero: nothing was trained"
+    for rank in (0, 1):
+        trained = params(run_double / f"checkpoint-rank{rank}.safetensors")
+        for a, b in zip(reference, trained, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,84 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and rerun with the same command finishes with the
+same metrics as an uninterrupted run (wall-clock columns aside: they measure this machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "tempflow-grpo-seed0"
+
+
+def command(runs: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.fig3",
+        "--scale",
+        "smoke",
+        "--runs-dir",
+        str(runs),
+        "--figures-dir",
+        str(runs / "figures"),
+        "--set",
+        "arms=[TempFlow-GRPO]",
+        "--set",
+        "run.loop.epochs=3",
+        "--set",
+        "run.loop.eval_every=2",
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+def metrics(runs: Path) -> list[dict]:
+    path = runs / "fig3-smoke" / RUN / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        {k: v for k, v in row.items() if not (k.startswith("time_") or k == "wallclock_h")} for row in rows
+    ]
+
+
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the run did not reach the kill point in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), cwd=ROOT, env=env(), check=True, capture_output=True)
+
+    run_dir = killed / "fig3-smoke" / RUN
+    process = subprocess.Popen(
+        command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        # after the epoch-1 checkpoint the run is inside epoch 2: kill it there
+        checkpoint = run_dir / "checkpoint-rank0.safetensors"
+        wait_for(lambda: checkpoint.exists() and len(metrics(killed)) >= 2, 300)
+        time.sleep(0.5)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    assert len(metrics(killed)) < len(metrics(straight)), "killed too late: the run had finished"
+
+    subprocess.run(command(killed), cwd=ROOT, env=env(), check=True, capture_output=True)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    assert metrics(killed) == metrics(straight)
+    assert [row["epoch"] for row in metrics(killed)] == [0, 1, 2, 3]

@@ -1,0 +1,90 @@
+"""The branching rollout, branching profiles and group advantages of the zeroth-order flow arm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rsm_core import profiles
+from rsm_core.backbones.text import TinyTextEncoder
+from rsm_core.backbones.tiny import TinyFlow
+from rsm_core.rollout import branching_rollout
+from rsm_core.world import prompts
+from rsm_core.zo_branch import group_advantages
+
+# NFE per parent of the published sampler (which recomputes the trunk output per child), spec §6
+SPEC_NFE = {"base": 333, "base2": 366, "highsnr": 278, "highsnr2": 324, "lowsnr": 388, "lowsnr2": 257}
+SPEC_ROWS = {"base": 54, "base2": 54, "highsnr": 54, "highsnr2": 54, "lowsnr": 54, "lowsnr2": 30}
+
+
+@pytest.mark.parametrize("name", list(SPEC_NFE))
+def test_published_profiles_match_the_spec_table(name: str) -> None:
+    profile = profiles.named(name)
+    assert profile.total == SPEC_ROWS[name]
+    assert profile.nfe_per_parent(10, repeat_parent_forward=True) == SPEC_NFE[name]
+    assert profile.nfe_per_parent(10) == SPEC_NFE[name] - profile.total  # one trunk call saved per child
+    weights = [profile.branch_weight(i) * k for i, k in enumerate(profile.k) if k]
+    assert weights == pytest.approx([profile.k_avg] * len(profile.active))  # equal loss mass per step
+
+
+def test_equal_variance_allocation() -> None:
+    step_std = [0.7, 0.743, 0.5362, 0.4459, 0.3918, 0.3528, 0.3191, 0.282, 0.2254]
+    flat = profiles.equal_variance(step_std, [1.0] * 9, 54)
+    assert flat.total == 54 and all(k >= 1 for k in flat.k)
+    assert flat.k[-1] > flat.k[0]  # a flat reward spread puts more children on high-SNR steps
+    exact = [54 / s / sum(1 / v for v in step_std) for s in step_std]
+    assert max(abs(k - e) for k, e in zip(flat.k, exact, strict=True)) < 1.0
+    off = profiles.equal_variance(step_std, [1.0] * 8 + [0.0], 54)
+    assert off.k[-1] == 0 and off.total == 54
+    with pytest.raises(ValueError, match="cannot give each"):
+        profiles.proportional([1.0] * 9, 5, "x")
+    with pytest.raises(ValueError, match="unknown branching profile"):
+        profiles.named("bogus")
+
+
+def test_group_advantages_are_normalised_within_groups() -> None:
+    reward = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 0.0, 4.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    adv = group_advantages(reward, group, 1e-4)
+    first = (reward[:3] - 2.0) / (reward[:3].std(unbiased=False) + 1e-4)
+    assert torch.allclose(adv[:3], first)
+    assert torch.equal(adv[3:5], torch.zeros(2))  # equal rewards: zero advantage (masked later)
+    assert torch.allclose(adv[5:], torch.tensor([-1.0, 1.0]), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def flow() -> TinyFlow:
+    torch.manual_seed(0)
+    return TinyFlow(TinyTextEncoder(prompts.vocabulary()))
+
+
+def test_branching_rollout_shares_the_trunk_and_counts_every_call(flow: TinyFlow) -> None:
+    profile = profiles.named("highsnr2")
+    ode, sde = flow.flow.ode_kernels(10), flow.flow.sde_kernels(10)
+    times = flow.grid_times(10)
+    cond = flow.encode(["a red circle", "two squares"])
+    calls = []
+
+    def guided(x, step, parents):
+        calls.append(x.shape[0])
+        return flow.native(x, times[step], cond[parents], cfg=4.5)
+
+    start = torch.randn(2, *flow.latent_shape, generator=torch.Generator().manual_seed(0))
+    out = branching_rollout(guided, ode, sde, start, profile.k, torch.Generator().manual_seed(1), chunk=16)
+    assert out.nfe == sum(calls) == 2 * profile.nfe_per_parent(10)
+    assert out.parent.numel() == 2 * profile.total
+    for i, k in enumerate(profile.k):
+        assert int((out.step == i).sum()) == 2 * k
+    # one child, recomputed by hand: its SDE step from the trunk with its stored noise, then the ODE
+    row = int(torch.nonzero(out.step == 3)[0])
+    p = int(out.parent[row])
+    with torch.no_grad():
+        x = out.trunk[p : p + 1, 3]
+        f = flow.native(x, times[3], cond[torch.tensor([p])], cfg=4.5)
+        x = sde[3].sample(x.double(), f.double(), out.noise[row : row + 1].double()).float()
+        for j in range(4, 10):
+            f = flow.native(x, times[j], cond[torch.tensor([p])], cfg=4.5)
+            x = ode[j].mean(x.double(), f.double()).float()
+    assert torch.allclose(x, out.final[row : row + 1], atol=1e-5)
+    # the trunk is the ODE path of the start noise
+    assert torch.equal(out.trunk[:, 0], start)
