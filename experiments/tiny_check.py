@@ -38,7 +38,7 @@ from experiments.plot import save_figure  # noqa: E402
 class CheckSettings:
     seeds_per_prompt: int = 4
     detector_scenes_per_tag: int = 100
-    diagnostic_parents: int = 12
+    diagnostic_parents: int = 24
     diagnostic_children: int = 8
     diagnostic_steps: int = 10  # the SDE grid the branching methods train on (SD3.5's 10 steps)
     sample_grid_prompts: int = 12
@@ -117,7 +117,12 @@ def diagnostic(world: World, settings: CheckSettings, test: list[dict]) -> dict[
             torch.Generator().manual_seed(settings.seed),
         )
         times = backbone.grid_times(settings.diagnostic_steps)
-        out[name] = {"t": times.tolist(), **{k: v.tolist() for k, v in variances.items()}}
+        step_std = torch.stack([k.nu for k in backbone.flow.sde_kernels(settings.diagnostic_steps)])
+        out[name] = {
+            "t": times.tolist(),
+            "step_std": step_std.tolist(),
+            **{k: v.tolist() for k, v in variances.items()},
+        }
     return out
 
 
@@ -141,30 +146,42 @@ def plot_samples(
 
 
 def plot_sensitivity(diag: dict, out: Path) -> None:
-    rows = [
-        {
-            "backbone": b,
-            "reward": r,
-            "step": i,
-            "t": t,
-            "variance": v,
-            "normalised": v / max(sum(vals), 1e-12),
-        }
-        for b, d in diag.items()
-        for r, vals in d.items()
-        if r != "t"
-        for i, (t, v) in enumerate(zip(d["t"], vals, strict=True))
-    ]
+    """Top: each reward's branch variance per step as a share of its sum over steps. Bottom: the same
+    per unit of injected noise variance (variance / nu_i^2), i.e. the noise of a one-child Stein
+    guidance estimate at that step (the paper's Eq. 19 argument for more children at high SNR), over
+    the steps a branching method trains (all but the last, whose tiny nu_i would dominate the sum)."""
+    rows = []
+    for backbone, d in diag.items():
+        std = d["step_std"]
+        for reward, values in d.items():
+            if reward in ("t", "step_std"):
+                continue
+            per_noise = [v / s**2 for v, s in zip(values[:-1], std[:-1], strict=True)] + [float("nan")]
+            for i, (t, v, p) in enumerate(zip(d["t"], values, per_noise, strict=True)):
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "reward": reward,
+                        "step": i,
+                        "t": t,
+                        "variance": v,
+                        "share": v / max(sum(values), 1e-12),
+                        "per_noise_share": p / max(sum(per_noise[:-1]), 1e-12),
+                    }
+                )
     frame = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (backbone, part) in zip(axes, frame.groupby("backbone", sort=False), strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for col, (backbone, part) in enumerate(frame.groupby("backbone", sort=False)):
         for reward, curve in part.groupby("reward", sort=False):
-            ax.plot(curve["step"], curve["normalised"], marker="o", label=reward)
-        ax.set_xlabel("branching step (0 = pure noise, low SNR)")
-        ax.set_ylabel("reward variance across one-step SDE children\n(share of the sum over steps)")
-        ax.set_title(f"tiny {backbone}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            axes[0, col].plot(curve["step"], curve["share"], marker="o", label=reward)
+            axes[1, col].plot(curve["step"], curve["per_noise_share"], marker="o", label=reward)
+        axes[0, col].set_title(f"tiny {backbone}")
+        axes[0, col].set_ylabel("branch reward variance\n(share of the sum over steps)")
+        axes[1, col].set_ylabel("variance / nu_i^2\n(share of the sum over steps)")
+        axes[1, col].set_xlabel("branching step (0 = pure noise, low SNR)")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle("Which timesteps decide each reward (branch-variance diagnostic)")
     fig.tight_layout()
     save_figure(fig, frame, out)

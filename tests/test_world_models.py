@@ -101,7 +101,8 @@ def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None
         assert key in report, key
     for backbone in ("flow", "diffusion"):
         diag = report["diagnostic_variance"][backbone]
-        assert set(diag) == {"t", "shapes_geneval", "shapes_aesthetic", "shapes_clip"}
+        assert set(diag) == {"t", "step_std", "shapes_geneval", "shapes_aesthetic", "shapes_clip"}
+        assert all(s > 0 for s in diag["step_std"])
         assert all(v >= 0 for v in diag["shapes_aesthetic"])
     assert (tmp_path / "figures" / "tiny_samples.png").exists()
     assert (tmp_path / "figures" / "tiny_reward_sensitivity.png").exists()
