@@ -80,12 +80,16 @@ def prompt_sets(config: PromptConfig) -> tuple[list[dict], list[dict]]:
     return train, test[: config.eval_prompts] if config.eval_prompts else test
 
 
-def build_backbone(config: ModelConfig) -> tuple[Backbone, dict[str, RewardFn]]:
-    """The backbone with a fresh LoRA adapter, and the local rewards that can score its images."""
+def build_backbone(
+    config: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[Backbone, dict[str, RewardFn]]:
+    """The backbone with a fresh LoRA adapter, and the local rewards that can score its images. The
+    tiny world runs on the CPU; SD3.5-M on ``device`` (samplers keep their states on the CPU and the
+    adapter moves inputs and outputs)."""
     if config.backbone == "sd35":
         from rsm_core.backbones.stable_diffusion import SD35
 
-        backbone, rewards = SD35(config.path), {}
+        backbone, rewards = SD35(config.path, device=device), {}
     else:
         from reward_models.shapes_geneval import ShapesGenEval
         from rsm_core.world.assets import load_world
@@ -150,7 +154,8 @@ def run_zo_flow(config, runs_dir: Path, name: str, progress: bool = True) -> Pat
     started = time.perf_counter()
     try:
         torch.manual_seed(config.arm.seed)  # the LoRA initialisation, identical on every process
-        backbone, rewards = build_backbone(config.model)
+        device = accelerator.device if accelerator else ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone, rewards = build_backbone(config.model, device)
         train, test = prompt_sets(config.prompts)
         scorers = reward_functions(config, rewards)
         extra = {name: scorers[name] for name in config.eval_extra}

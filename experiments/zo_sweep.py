@@ -146,7 +146,7 @@ def main(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch the main process draws the figure
     data = frame(sweep, chosen, list(cfg.seeds), extra)
-    stem = args.figures_dir / (figure if args.scale == "tiny" else f"{figure}_{args.scale}")
+    stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
     paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y)
     minutes = (time.perf_counter() - started) / 60
     print(f"{figure} done in {minutes:.1f} min: runs in {sweep}; figure " + ", ".join(str(p) for p in paths))

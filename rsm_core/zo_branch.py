@@ -66,6 +66,7 @@ class EpochRows:
     reward: Tensor  # (R,)
     advantage: Tensor  # (R,)
     branch_weight: Tensor  # (R,)
+    profile: profiles.Profile  # the profile these rows were collected with
 
 
 def group_advantages(reward: Tensor, group: Tensor, eps: float) -> Tensor:
@@ -178,6 +179,7 @@ class ZOBranchArm:
             reward=reward,
             advantage=group_advantages(reward, group, config.adv_std_eps),
             branch_weight=weights[step],
+            profile=self.profile,
         )
         self._measure_spread(rows, group)
         return rows
@@ -217,7 +219,7 @@ class ZOBranchArm:
         index = torch.cat([order, order.repeat(-(-missing // rows))[:missing]])
         valid = torch.arange(count * size) < rows
         anchors = torch.empty(0, dtype=torch.long)
-        off = [i for i, k in enumerate(self.profile.k) if k == 0]
+        off = [i for i, k in enumerate(batch.profile.k) if k == 0]
         if self.config.ode_anchors and off:
             parents = len(batch.prompts)
             anchors = torch.arange(parents * len(off))[
@@ -268,7 +270,7 @@ class ZOBranchArm:
                 kernel=self.sde_grid.select(anchor_step), x=x_a, f_old=f_a.detach(), f_ref=f_ref_a
             )
             kl_rows = tempflow_grpo.kl_to_reference(f_a, anchor_rows, config.kl_denominator)
-            anchor_kl = (kl_rows * self.profile.k_avg).mean()  # anchors are not advantage-masked
+            anchor_kl = (kl_rows * batch.profile.k_avg).mean()  # anchors are not advantage-masked
             loss = loss + config.beta * anchor_kl
         with torch.no_grad():
             counted = rows.advantage != 0
@@ -293,7 +295,7 @@ class ZOBranchArm:
             "reward_mean": float(batch.reward.mean()),
             "reward_sq_mean": float((batch.reward**2).mean()),
             "zero_std_ratio": float(zero.float().mean()),
-            **{f"k_{i}": float(k) for i, k in enumerate(self.profile.k)},  # the profile in use
+            **{f"k_{i}": float(k) for i, k in enumerate(batch.profile.k)},  # the profile collected with
         }
 
     # --- evaluation -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rsm_core.records import load_tensors
+from rsm_core.records import load_tensors, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "tempflow-grpo-seed0"
@@ -74,7 +74,17 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path: Path) -> None
     assert (run_double / "checkpoint-rank1.safetensors").exists(), "the second process did not run"
     reference = params(run_single / "checkpoint-rank0.safetensors")
     assert any(float(p.abs().max()) > 0 for p in reference), "LoRA B stayed zero: nothing was trained"
-    for rank in (0, 1):
-        trained = params(run_double / f"checkpoint-rank{rank}.safetensors")
-        for a, b in zip(reference, trained, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    rank0, rank1 = (params(run_double / f"checkpoint-rank{r}.safetensors") for r in (0, 1))
+    for a, b in zip(rank0, rank1, strict=True):
+        assert torch.equal(a, b), "the two processes hold different weights: not synchronised"
+    # Adam divides by the gradient's running RMS, so float rounding of near-zero gradients (summation
+    # order of the all-reduce) can move a weight by a sliver of one step; allow 1e-3 of a step.
+    lr, steps = 3e-4, 2
+    for a, b in zip(reference, rank0, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-3 * lr * steps)
+    # Adam is blind to the gradient's scale, so check the synchronised gradient itself through its
+    # logged norm (it would double if the processes summed instead of averaging).
+    single_row, double_row = (read_metrics(run)[-1] for run in (run_single, run_double))
+    assert double_row["grad_norm"] == pytest.approx(single_row["grad_norm"], rel=1e-4)
+    assert double_row["reward_mean"] == pytest.approx(single_row["reward_mean"], rel=1e-6)
+    assert double_row["nfe"] == single_row["nfe"] and double_row["microbatches"] == single_row["microbatches"]

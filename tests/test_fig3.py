@@ -31,11 +31,11 @@ def smoke(main, tmp_path: Path, *extra: str) -> None:
 
 def test_fig3_smoke_writes_the_figure_and_long_csv(tmp_path: Path) -> None:
     smoke(fig3.main, tmp_path, "--set", "arms=[TempFlow-GRPO,Equal Variance Reallocation]")
-    data = pd.read_csv(tmp_path / "fig" / "fig3_smoke.csv")
+    data = pd.read_csv(tmp_path / "fig" / "smoke" / "fig3.csv")
     assert {"arm", "seed", "epoch", "wallclock_h", "nfe", "kl", "reward"} <= set(data.columns)
     assert set(data["arm"]) == {"TempFlow-GRPO", "Equal Variance Reallocation"}
     assert sorted(data["epoch"].unique()) == [0, 1, 2]
-    assert (tmp_path / "fig" / "fig3_smoke.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "smoke" / "fig3.png").stat().st_size > 0
     last = data[data["epoch"] == 2].set_index("arm")
     # matched rows per parent (sum k = 54) but not matched NFE: highsnr2's children start later
     assert last.loc["Equal Variance Reallocation", "nfe"] < last.loc["TempFlow-GRPO", "nfe"]
@@ -50,7 +50,7 @@ def test_fig3_smoke_writes_the_figure_and_long_csv(tmp_path: Path) -> None:
 
 def test_fig_zo_flow_smoke_logs_strict_geneval(tmp_path: Path) -> None:
     smoke(fig_zo_flow.main, tmp_path, "--set", "arms=[lowsnr2 + matching + fair clip2]")
-    data = pd.read_csv(tmp_path / "fig" / "fig_zo_flow_smoke.csv")
+    data = pd.read_csv(tmp_path / "fig" / "smoke" / "fig_zo_flow.csv")
     assert data["strict"].notna().all() and data["reward"].between(0, 1).all()
 
 

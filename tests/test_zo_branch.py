@@ -88,3 +88,21 @@ def test_branching_rollout_shares_the_trunk_and_counts_every_call(flow: TinyFlow
     assert torch.allclose(x, out.final[row : row + 1], atol=1e-5)
     # the trunk is the ODE path of the start noise
     assert torch.equal(out.trunk[:, 0], start)
+
+
+def test_auto_equal_variance_reallocates_from_measured_spread(tmp_path) -> None:
+    """The auto profile starts from base, then sets k_i from the measured per-step reward spread,
+    keeping sum k = 54 and every step on."""
+    from experiments.zo_flow import run_zo_flow
+    from experiments.zo_sweep import SweepConfig, arm_config
+    from rsm_core.config import load_config
+    from rsm_core.records import read_metrics
+
+    smoke = load_config(SweepConfig, "experiments/configs/fig3/smoke.yaml")
+    config = arm_config(smoke, ["arm.profile=auto-equal-variance", "arm.loss.reweight=fair_clip"], seed=0)
+    run = run_zo_flow(config, tmp_path, "auto", progress=False)
+    rows = read_metrics(run)
+    profiles_used = [tuple(int(row[f"k_{i}"]) for i in range(9)) for row in rows[1:]]
+    assert profiles_used[0] == profiles.named("base").k  # epoch 1 collects with the starting profile
+    assert profiles_used[1] != profiles.named("base").k
+    assert all(sum(k) == 54 and min(k) >= 1 for k in profiles_used)
