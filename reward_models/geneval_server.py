@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from reward_models.base import check_geneval_batch
+
 URL_ENV = "TEMPFLOW_GENEVAL_REWARD_URL"
 DEFAULT_URL = "http://127.0.0.1:18085"
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -195,15 +197,7 @@ class GenEvalServerReward:
 
     def __call__(self, images: Tensor, prompts: list[str], meta: list[dict] | None = None) -> Tensor:
         """(B,) float32 scores of the chosen kind (partial credit by default: the training reward)."""
-        if meta is None:
-            raise ValueError("GenEval needs the prompt metadata (tag, include, exclude) for every prompt")
-        if not len(meta) == len(prompts) == images.shape[0]:
-            raise ValueError(
-                f"length mismatch: {images.shape[0]} images, {len(prompts)} prompts, {len(meta)} metadata"
-            )
-        for prompt, entry in zip(prompts, meta, strict=True):
-            if "prompt" in entry and entry["prompt"] != prompt:
-                raise ValueError(f"metadata is for {entry['prompt']!r} but the prompt is {prompt!r}")
+        meta = check_geneval_batch(images, prompts, meta)
         key = SCORE_KEYS[self.score]
         result = self._query(images, meta, self.only_strict, (key,))
         return torch.tensor(result[key], dtype=torch.float32)

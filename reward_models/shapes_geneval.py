@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reward_models.base import check_geneval_batch
 from rsm_core.world.scenes import BACKGROUND, CANVAS, COLORS, relation_holds
 
 COLOR_NAMES = tuple(COLORS)
@@ -198,15 +199,7 @@ class ShapesGenEval:
 
     def __call__(self, images: Tensor, prompts: list[str], meta: list[dict] | None) -> Tensor:
         """(B,) float32 strict or partial scores."""
-        if meta is None:
-            raise ValueError("ShapesGenEval needs GenEval metadata for every prompt; got meta=None")
-        if not len(meta) == len(prompts) == images.shape[0]:
-            raise ValueError(
-                f"length mismatch: {images.shape[0]} images, {len(prompts)} prompts, {len(meta)} metadata"
-            )
-        for prompt, entry in zip(prompts, meta, strict=True):
-            if "prompt" in entry and entry["prompt"] != prompt:
-                raise ValueError(f"metadata is for {entry['prompt']!r} but the prompt is {prompt!r}")
+        meta = check_geneval_batch(images, prompts, meta)
         pick = 0 if self.mode == "strict" else 1
         scores = [score(m, d)[pick] for m, d in zip(meta, self.detect(images), strict=True)]
         return torch.tensor(scores, dtype=torch.float32)

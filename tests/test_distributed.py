@@ -7,7 +7,6 @@ uses ACCELERATE_USE_CPU with --multi_gpu; the test checks that two ranks really 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +30,15 @@ SETTINGS = [
 ]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-
-
 def params(path: Path) -> list[torch.Tensor]:
     tensors = load_tensors(path)
     return [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_two_shards(tmp_path: Path) -> None:
+def test_two_processes_match_one_process_with_two_shards(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
     single, double = tmp_path / "single", tmp_path / "double"
     subprocess.run(
         [
@@ -55,7 +52,7 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path: Path) -> None
             str(single),
         ],
         cwd=ROOT,
-        env=env(),
+        env=subprocess_env,
         check=True,
         capture_output=True,
     )
@@ -66,7 +63,11 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path: Path) -> None
         "-m", "experiments.fig3", *SETTINGS, "--runs-dir", str(double),
     ]  # fmt: skip
     subprocess.run(
-        launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "true"}, check=True, capture_output=True
+        launch,
+        cwd=ROOT,
+        env={**subprocess_env, "ACCELERATE_USE_CPU": "true"},
+        check=True,
+        capture_output=True,
     )
 
     run_single, run_double = single / "fig3-smoke" / RUN, double / "fig3-smoke" / RUN

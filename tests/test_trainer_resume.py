@@ -37,10 +37,6 @@ def command(runs: Path) -> list[str]:
     ]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-
-
 def metrics(runs: Path) -> list[dict]:
     path = runs / "fig3-smoke" / RUN / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -58,13 +54,15 @@ def wait_for(condition, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(straight), cwd=ROOT, env=env(), check=True, capture_output=True)
+    subprocess.run(command(straight), cwd=ROOT, env=subprocess_env, check=True, capture_output=True)
 
     run_dir = killed / "fig3-smoke" / RUN
     process = subprocess.Popen(
-        command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(killed), cwd=ROOT, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         # after the epoch-1 checkpoint the run is inside epoch 2: kill it there
@@ -78,7 +76,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(tmp_path: Path) ->
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
     assert len(metrics(killed)) < len(metrics(straight)), "killed too late: the run had finished"
 
-    subprocess.run(command(killed), cwd=ROOT, env=env(), check=True, capture_output=True)
+    subprocess.run(command(killed), cwd=ROOT, env=subprocess_env, check=True, capture_output=True)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
     assert metrics(killed) == metrics(straight)
     assert [row["epoch"] for row in metrics(killed)] == [0, 1, 2, 3]
