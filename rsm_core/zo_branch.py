@@ -164,7 +164,7 @@ class ZOBranchArm:
             reward = self.reward(images, [prompts[p] for p in parent], [metas[p] for p in parent]).float()
             budget.reward_calls += reward.numel()
         step = torch.cat([out.step for out, _ in parts])
-        group = parent * len(self.profile.k) + step
+        group = self._group(parent, step)
         weights = torch.tensor(
             [self.profile.branch_weight(i) if k else 0.0 for i, k in enumerate(self.profile.k)]
         )
@@ -232,10 +232,14 @@ class ZOBranchArm:
             for s, part in enumerate(anchor_parts)
         ]
 
+    def _group(self, parent: Tensor, step: Tensor) -> Tensor:
+        """One id per (parent, step): the advantage group of a child, and its shared trunk state."""
+        return parent * len(self.times) + step
+
     def _outputs(self, batch: EpochRows, parent: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_i, policy output with gradient, reference output) at the trunk states of (parent, step)
         pairs, each distinct state evaluated once (its k_i rows share it; exact, no dropout)."""
-        pairs, inverse = torch.unique(parent * len(self.times) + step, return_inverse=True)
+        pairs, inverse = torch.unique(self._group(parent, step), return_inverse=True)
         p_unique, s_unique = pairs // len(self.times), pairs % len(self.times)
         x = batch.trunk[p_unique, s_unique]
         cond = self.backbone.encode([batch.prompts[p] for p in p_unique.tolist()])
@@ -288,7 +292,7 @@ class ZOBranchArm:
         return loss, stats
 
     def batch_stats(self, batch: EpochRows) -> dict[str, float]:
-        group = batch.parent * len(self.times) + batch.step
+        group = self._group(batch.parent, batch.step)
         _, inverse = torch.unique(group, return_inverse=True)
         zero = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, (batch.advantage != 0).float()) == 0
         return {  # means over the shard's rows, so that equal-sized shards can be averaged
