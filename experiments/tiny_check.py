@@ -145,11 +145,11 @@ def plot_samples(
     save_figure(fig, pd.DataFrame({"prompt": [texts[i] for i in picks]}), out)
 
 
-def plot_sensitivity(diag: dict, out: Path) -> None:
-    """Top: each reward's branch variance per step as a share of its sum over steps. Bottom: the same
-    per unit of injected noise variance (variance / nu_i^2), i.e. the noise of a one-child Stein
-    guidance estimate at that step (the paper's Eq. 19 argument for more children at high SNR), over
-    the steps a branching method trains (all but the last, whose tiny nu_i would dominate the sum)."""
+def sensitivity_frame(diag: dict) -> pd.DataFrame:
+    """One row per (backbone, reward, step): the branch variance, its share of the sum over steps, and
+    the share of variance / nu_i^2 (the noise of a one-child Stein guidance estimate at that step, the
+    paper's Eq. 19 argument) over the steps a branching method trains (all but the last, whose tiny
+    nu_i would dominate the sum)."""
     rows = []
     for backbone, d in diag.items():
         std = d["step_std"]
@@ -169,7 +169,40 @@ def plot_sensitivity(diag: dict, out: Path) -> None:
                         "per_noise_share": p / max(sum(per_noise[:-1]), 1e-12),
                     }
                 )
-    frame = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def snr_split(frame: pd.DataFrame) -> dict:
+    """Where each reward is decided, as the share-weighted mean branching step over the trained steps
+    (0 = pure noise), raw and per unit noise (None when the reward never varied); the split holds for a
+    backbone when shapes_geneval's mean step is earlier (lower SNR) than shapes_aesthetic's in both."""
+    trained = frame[frame["step"] < frame.groupby("backbone")["step"].transform("max")]
+
+    def mean_step(curve: pd.DataFrame, view: str) -> float | None:
+        total = float(curve[view].sum())
+        return float((curve["step"] * curve[view]).sum() / total) if total > 0 else None
+
+    out: dict = {}
+    for backbone, part in trained.groupby("backbone", sort=False):
+        means = {
+            view: {reward: mean_step(curve, view) for reward, curve in part.groupby("reward", sort=False)}
+            for view in ("share", "per_noise_share")
+        }
+        out[backbone] = {
+            "mean_step": means["share"],
+            "mean_step_per_noise": means["per_noise_share"],
+            "split_holds": all(
+                m["shapes_geneval"] is not None
+                and m["shapes_aesthetic"] is not None
+                and m["shapes_geneval"] < m["shapes_aesthetic"]
+                for m in means.values()
+            ),
+        }
+    return out
+
+
+def plot_sensitivity(frame: pd.DataFrame, out: Path) -> None:
+    """Top: each reward's share of branch variance per step. Bottom: the same per unit noise variance."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for col, (backbone, part) in enumerate(frame.groupby("backbone", sort=False)):
         for reward, curve in part.groupby("reward", sort=False):
@@ -207,11 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = detector_accuracy(settings, test)
     scores, samples = reference_scores(world, settings, test)
     diag = diagnostic(world, settings, test)
+    sensitivity = sensitivity_frame(diag)
     report = {
         "detector_accuracy_min": min(accuracy.values()),
         "detector_accuracy": accuracy,
         **{f"{b}_{k}": v for b, s in scores.items() for k, v in s.items()},
         "diagnostic_variance": diag,
+        "snr_split": snr_split(sensitivity),
         "settings": asdict(settings),
         "sampling": {k: asdict(v) for k, v in SAMPLING.items()},
         "seconds": round(time.perf_counter() - start, 1),
@@ -221,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(table, json.dumps(report, indent=2) + "\n")
     texts = [m["prompt"] for m in test for _ in range(settings.seeds_per_prompt)]
     plot_samples(samples, texts, settings, args.results / "figures" / "tiny_samples")
-    plot_sensitivity(diag, args.results / "figures" / "tiny_reward_sensitivity")
+    plot_sensitivity(sensitivity, args.results / "figures" / "tiny_reward_sensitivity")
     if args.record_quality:
         headline = {k: v for k, v in report.items() if not isinstance(v, dict) and k != "seconds"}
         update_manifest(args.assets, quality={**headline, "detector_accuracy": accuracy})

@@ -99,6 +99,7 @@ def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None
     report = json.loads((tmp_path / "tables" / "tiny_check.json").read_text())
     for key in REQUIRED_KEYS:
         assert key in report, key
+    assert set(report["snr_split"]) == {"flow", "diffusion"}
     for backbone in ("flow", "diffusion"):
         diag = report["diagnostic_variance"][backbone]
         assert set(diag) == {"t", "step_std", "shapes_geneval", "shapes_aesthetic", "shapes_clip"}
@@ -106,6 +107,29 @@ def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None
         assert all(v >= 0 for v in diag["shapes_aesthetic"])
     assert (tmp_path / "figures" / "tiny_samples.png").exists()
     assert (tmp_path / "figures" / "tiny_reward_sensitivity.png").exists()
+
+
+def _diag(early: list[float], late: list[float]) -> dict:
+    steps = len(early)
+    return {
+        "flow": {
+            "t": [1 - i / steps for i in range(steps)],
+            "step_std": [1.0] * steps,
+            "shapes_geneval": early,
+            "shapes_aesthetic": late,
+        }
+    }
+
+
+def test_snr_split_compares_where_the_rewards_are_decided() -> None:
+    front, back = [4.0, 2.0, 1.0, 1.0, 9.0], [1.0, 1.0, 2.0, 4.0, 9.0]  # last (untrained) step ignored
+    split = tiny_check.snr_split(tiny_check.sensitivity_frame(_diag(front, back)))["flow"]
+    assert split["split_holds"]
+    assert split["mean_step"]["shapes_geneval"] == pytest.approx((2 + 2 + 3) / 8)
+    assert split["mean_step"]["shapes_aesthetic"] == pytest.approx((1 + 4 + 12) / 8)
+    assert not tiny_check.snr_split(tiny_check.sensitivity_frame(_diag(back, front)))["flow"]["split_holds"]
+    flat = tiny_check.snr_split(tiny_check.sensitivity_frame(_diag([0.0] * 5, back)))["flow"]
+    assert flat["mean_step"]["shapes_geneval"] is None and not flat["split_holds"]
 
 
 class _StillBackbone(Backbone):
