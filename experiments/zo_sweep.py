@@ -18,9 +18,9 @@ import matplotlib
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.zo_flow import ZOFlowRunConfig, run_zo_flow
+from experiments.zo_flow import ZOFlowRunConfig, run_inputs, run_zo_flow
 from rsm_core.config import ConfigError, load_config
-from rsm_core.records import RunRecord, read_metrics
+from rsm_core.records import RunExistsError, RunRecord, read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -139,8 +139,17 @@ def main(
         for arm in chosen:
             for seed in cfg.seeds:
                 config, name = arm_config(cfg, arms[arm], seed), run_name(arm, seed)
-                if RunRecord.is_complete(sweep / name):
-                    print(f"{sweep / name} is complete; reusing it (use --name for a fresh sweep)")
+                path = sweep / name
+                if RunRecord.is_complete(path):
+                    if not (
+                        RunRecord.config_matches(path, config)
+                        and RunRecord.inputs_match(path, run_inputs(config))
+                    ):
+                        raise RunExistsError(
+                            f"{path} is a complete run of another config or another tiny world; "
+                            "use --name for a fresh sweep, or move that directory away"
+                        )
+                    print(f"{path} is complete; reusing it (use --name for a fresh sweep)")
                     continue
                 run_zo_flow(config, sweep, name)
     if int(os.environ.get("RANK", "0")) != 0:

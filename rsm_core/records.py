@@ -185,6 +185,23 @@ class RunRecord:
         (path / "metrics.jsonl").touch()
         return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
 
+    @staticmethod
+    def config_matches(path: Path, config: Any) -> bool:
+        """Whether the run at ``path`` was started with exactly this config."""
+        saved = (Path(path) / "config.yaml").read_text() if (Path(path) / "config.yaml").exists() else None
+        return saved == (to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2))
+
+    @staticmethod
+    def inputs_match(path: Path, inputs: dict[str, Any]) -> bool:
+        """Whether the run at ``path`` recorded these inputs (e.g. the weights it loaded) in inputs.json;
+        a run without the file matches only empty inputs."""
+        saved = Path(path) / "inputs.json"
+        return (json.loads(saved.read_text()) if saved.exists() else {}) == inputs
+
+    def record_inputs(self, inputs: dict[str, Any]) -> None:
+        """Write inputs.json: what the run read besides its config (fingerprints, not secrets)."""
+        atomic_write_text(self.path / "inputs.json", json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+
     @classmethod
     def create_or_resume(cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto") -> RunRecord:
         """A new run, or the unfinished run of the same name and the same config (the rerun of a
@@ -198,9 +215,7 @@ class RunRecord:
                 "or delete that directory to rerun it"
             )
         config_dict = config_to_dict(config) if not isinstance(config, dict) else config
-        saved = (path / "config.yaml").read_text() if (path / "config.yaml").exists() else None
-        wanted = to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2)
-        if saved != wanted:
+        if not cls.config_matches(path, config):
             raise RunExistsError(
                 f"run directory {path} holds an unfinished run with a different config; resume it with "
                 "its own config, choose another name, or delete the directory"

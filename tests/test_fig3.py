@@ -41,6 +41,12 @@ def test_fig3_smoke_writes_the_figure_and_long_csv(tmp_path: Path) -> None:
     assert last.loc["Equal Variance Reallocation", "nfe"] < last.loc["TempFlow-GRPO", "nfe"]
     # rerunning reuses the finished runs instead of overwriting them
     smoke(fig3.main, tmp_path, "--set", "arms=[TempFlow-GRPO]")
+    # ... but never a finished run of another tiny world (or config): that would mix results
+    inputs = tmp_path / "runs" / "fig3-smoke" / "tempflow-grpo-seed0" / "inputs.json"
+    assert set(json.loads(inputs.read_text())["tiny_world"]) == {"aesthetic", "clip", "diffusion", "flow"}
+    inputs.write_text(json.dumps({"tiny_world": {"flow": "a retrained world"}}))
+    with pytest.raises(RunExistsError, match="another tiny world"):
+        smoke(fig3.main, tmp_path, "--set", "arms=[TempFlow-GRPO]")
     # a finished run is never touched, whatever its config
     cfg = load_config(SweepConfig, Path(fig3.__file__).parent / "configs" / "fig3" / "smoke.yaml")
     other = arm_config(cfg, [*fig3.ARMS["TempFlow-GRPO"], "arm.cfg=3.0"], seed=0)

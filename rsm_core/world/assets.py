@@ -107,6 +107,13 @@ def load_world(directory: Path = ASSET_DIR) -> World:
     return world
 
 
+def world_fingerprint(directory: Path = ASSET_DIR) -> dict[str, str]:
+    """The sha256 of each shipped weight file, from the manifest (load_world checks the files against
+    it): runs record it so results from a retrained world are never mistaken for the old world's."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    return {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
+
+
 def update_manifest(directory: Path, **fields) -> None:
     """Add or replace top-level manifest fields (tiny-check records the measured quality this way)."""
     manifest_path = directory / MANIFEST
