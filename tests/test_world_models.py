@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from experiments import tiny_assets, tiny_check
-from reward_models.shapes_aesthetic import degrade
+from reward_models.shapes_aesthetic import AestheticNet, degrade
 from reward_models.shapes_clip import TinyCLIP, contrastive_loss
 from rsm_core.backbones.base import Backbone, FlowSpec
 from rsm_core.backbones.text import Cond
@@ -41,6 +41,21 @@ def test_degradations_lower_the_target_and_clean_images_keep_ten() -> None:
     assert clean.any() and (~clean).any()
     assert torch.all(change[clean] < 1e-6), "a full score must mean an untouched image"
     assert torch.all(change[target < 9.0] > 1e-3), "a lowered score must come with a visible change"
+
+
+def test_aesthetic_features_see_only_a_local_patch() -> None:
+    """The scorer judges texture: a feature depends on a 7 px patch, so far-away content (which
+    objects are drawn elsewhere) cannot change it, only its share of the pooled average."""
+    torch.manual_seed(0)
+    net = AestheticNet()
+    images = torch.rand(1, 3, 32, 32)
+    changed = images.clone()
+    changed[..., 16:, :] = torch.rand(1, 3, 16, 32)
+    with torch.no_grad():
+        before, after = net.features(images * 2 - 1), net.features(changed * 2 - 1)
+    # stride-2 features: row r sees input rows 2r-3 .. 2r+3, so rows <= 6 see only rows <= 15
+    torch.testing.assert_close(before[..., :7, :], after[..., :7, :])
+    assert not torch.allclose(before[..., 8:, :], after[..., 8:, :])
 
 
 def test_contrastive_loss_treats_repeated_prompts_as_positives() -> None:
