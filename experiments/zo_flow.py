@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from rsm_core.backbones.base import Backbone
 from rsm_core.config import ConfigError
-from rsm_core.records import RunExistsError, RunRecord
+from rsm_core.records import RunRecord
 from rsm_core.trainer import LoopConfig, Trainer
 from rsm_core.world import prompts
 from rsm_core.zo_branch import RewardFn, ZOBranchArm, ZOBranchConfig
@@ -157,15 +157,11 @@ def run_zo_flow(config, runs_dir: Path, name: str, progress: bool = True) -> Pat
         torch.set_num_threads(config.threads)
     accelerator = accelerator_if_launched()
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
-    record = RunRecord.create_or_resume(runs_dir, name, config, wandb=config.wandb) if rank == 0 else None
-    if record is not None:
-        inputs = run_inputs(config)
-        if (record.path / "inputs.json").exists() and not RunRecord.inputs_match(record.path, inputs):
-            raise RunExistsError(
-                f"run {record.path} was started on other weights (inputs.json differs, e.g. the tiny "
-                "world was retrained); choose another name or delete the directory"
-            )
-        record.record_inputs(inputs)
+    record = (
+        RunRecord.create_or_resume(runs_dir, name, config, wandb=config.wandb, inputs=run_inputs(config))
+        if rank == 0
+        else None
+    )
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the run directory exists before any process uses it
     config = OmegaConf.to_object(config)  # plain dataclasses from here on (the record keeps the YAML)

@@ -141,10 +141,7 @@ def main(
                 config, name = arm_config(cfg, arms[arm], seed), run_name(arm, seed)
                 path = sweep / name
                 if RunRecord.is_complete(path):
-                    if not (
-                        RunRecord.config_matches(path, config)
-                        and RunRecord.inputs_match(path, run_inputs(config))
-                    ):
+                    if not RunRecord.matches(path, config, run_inputs(config)):
                         raise RunExistsError(
                             f"{path} is a complete run of another config or another tiny world; "
                             "use --name for a fresh sweep, or move that directory away"

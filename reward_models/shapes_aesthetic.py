@@ -7,8 +7,8 @@ policy can raise it by going beyond the clean renders it was trained on (e.g. ov
 
 It judges appearance, not content: its receptive field is 7 px and its features are pooled over the
 image (mean and max), so which objects are drawn where barely moves it, while the grain and softness
-that the last, high-SNR sampling steps leave behind do. That makes it the high-SNR reward of the world, as the
-aesthetic score is in the paper, against the semantic shapes_geneval.
+that the last, high-SNR sampling steps leave behind do. That makes it the world's high-SNR reward, as
+the aesthetic score is in the paper, against the semantic shapes_geneval.
 """
 
 from __future__ import annotations

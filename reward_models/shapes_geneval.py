@@ -28,7 +28,7 @@ MAX_DIST_RATIO = 0.5  # a pixel matches colour c if within this fraction of |c -
 ALPHA_DEADZONE = 0.3
 # A Gaussian pre-smoothing (sigma in canvas units) averages pixel noise away before segmentation; with
 # the dead zone, strict accuracy on clean renders stays 1.0 and is >= 0.97 per tag under N(0, 0.1^2)
-# pixel noise (0.47-0.81 for the colour-attribution and two-object tags without them).
+# pixel noise (tests/test_world_data.py checks >= 0.9).
 SMOOTH_SIGMA = 0.8
 PALETTE = np.array([(BACKGROUND,) * 3, *COLORS.values()], dtype=np.float32)  # background first
 
@@ -107,9 +107,9 @@ def component_features(pixels: np.ndarray, classes: np.ndarray, labels: np.ndarr
     """Per component: image index, colour index, soft area, soft width/height and centre, in pixels.
 
     Alpha (coverage) comes from projecting each pixel onto the background-to-colour line, then the dead
-    zone above. Width is the
-    sum over columns of the largest alpha in that column (exact for a box, slightly short for round or
-    pointed ends), and the centre is the centroid of that column profile (likewise rows).
+    zone above. Width is the sum over columns of the largest alpha in that column (exact for a box,
+    slightly short for round or pointed ends), and the centre is the centroid of that column profile
+    (likewise rows).
     """
     _, h, w = classes.shape
     owner = _ring_owner(labels, classes > 0)

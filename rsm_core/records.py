@@ -142,6 +142,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _config_text(config: Any) -> str:
+    """What config.yaml holds for a config (YAML, or JSON for a plain dict)."""
+    return to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -164,7 +169,11 @@ class RunRecord:
         self._wandb = wandb_run
 
     @classmethod
-    def create(cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto") -> RunRecord:
+    def create(
+        cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto", inputs: dict | None = None
+    ) -> RunRecord:
+        """A new run directory. ``inputs`` (inputs.json) names what the run reads besides its config,
+        e.g. the fingerprints of the weights it loads, so a run is never resumed or reused on others."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         path = root / name
@@ -176,49 +185,44 @@ class RunRecord:
                 f"(--name), or delete that directory if you no longer need it"
             ) from None
         config_dict = config_to_dict(config) if not isinstance(config, dict) else config
-        atomic_write_text(
-            path / "config.yaml",
-            to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2),
-        )
+        atomic_write_text(path / "config.yaml", _config_text(config))
+        if inputs:
+            atomic_write_text(path / "inputs.json", json.dumps(inputs, indent=2, sort_keys=True) + "\n")
         atomic_write_text(path / "env.json", json.dumps(environment(), indent=2) + "\n")
         atomic_write_text(path / "status.json", json.dumps({"state": "running"}) + "\n")
         (path / "metrics.jsonl").touch()
         return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
 
     @staticmethod
-    def config_matches(path: Path, config: Any) -> bool:
-        """Whether the run at ``path`` was started with exactly this config."""
-        saved = (Path(path) / "config.yaml").read_text() if (Path(path) / "config.yaml").exists() else None
-        return saved == (to_yaml(config) if not isinstance(config, dict) else json.dumps(config, indent=2))
-
-    @staticmethod
-    def inputs_match(path: Path, inputs: dict[str, Any]) -> bool:
-        """Whether the run at ``path`` recorded these inputs (e.g. the weights it loaded) in inputs.json;
-        a run without the file matches only empty inputs."""
-        saved = Path(path) / "inputs.json"
-        return (json.loads(saved.read_text()) if saved.exists() else {}) == inputs
-
-    def record_inputs(self, inputs: dict[str, Any]) -> None:
-        """Write inputs.json: what the run read besides its config (fingerprints, not secrets)."""
-        atomic_write_text(self.path / "inputs.json", json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+    def matches(path: Path, config: Any, inputs: dict | None = None) -> bool:
+        """Whether the run at ``path`` was started with exactly this config and these inputs."""
+        path = Path(path)
+        saved_config = (path / "config.yaml").read_text() if (path / "config.yaml").exists() else None
+        saved_inputs = (
+            json.loads((path / "inputs.json").read_text()) if (path / "inputs.json").exists() else {}
+        )
+        return saved_config == _config_text(config) and saved_inputs == (inputs or {})
 
     @classmethod
-    def create_or_resume(cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto") -> RunRecord:
-        """A new run, or the unfinished run of the same name and the same config (the rerun of a
-        killed command). A complete run, or one with another config, is never touched."""
+    def create_or_resume(
+        cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto", inputs: dict | None = None
+    ) -> RunRecord:
+        """A new run, or the unfinished run of the same name, config and inputs (the rerun of a killed
+        command). A complete run, or one with another config or inputs, is never touched."""
         path = Path(root) / name
         if not path.exists():
-            return cls.create(root, name, config, wandb=wandb)
+            return cls.create(root, name, config, wandb=wandb, inputs=inputs)
         if cls.is_complete(path):
             raise RunExistsError(
                 f"run {path} is already complete and runs are never overwritten: choose another name, "
                 "or delete that directory to rerun it"
             )
         config_dict = config_to_dict(config) if not isinstance(config, dict) else config
-        if not cls.config_matches(path, config):
+        if not cls.matches(path, config, inputs):
             raise RunExistsError(
-                f"run directory {path} holds an unfinished run with a different config; resume it with "
-                "its own config, choose another name, or delete the directory"
+                f"run directory {path} holds an unfinished run with a different config or inputs "
+                "(inputs.json, e.g. a retrained tiny world); resume it with its own, choose another "
+                "name, or delete the directory"
             )
         atomic_write_text(path / "status.json", json.dumps({"state": "running", "resumed": True}) + "\n")
         return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))

@@ -105,6 +105,22 @@ def test_an_existing_run_directory_is_refused_and_left_untouched(tmp_path: Path)
     assert {p.name: p.read_bytes() for p in run.path.iterdir()} == before
 
 
+def test_an_unfinished_run_resumes_only_with_its_own_config_and_inputs(tmp_path: Path) -> None:
+    weights = {"tiny_world": {"flow": "sha-a"}}
+    run = RunRecord.create(tmp_path, "r", {"a": 1}, wandb=False, inputs=weights)
+    run.log({"epoch": 0})
+    assert json.loads((run.path / "inputs.json").read_text()) == weights
+    for config, inputs in (
+        ({"a": 2}, weights),
+        ({"a": 1}, {"tiny_world": {"flow": "sha-b"}}),
+        ({"a": 1}, None),
+    ):
+        with pytest.raises(RunExistsError, match="different config or inputs"):
+            RunRecord.create_or_resume(tmp_path, "r", config, wandb=False, inputs=inputs)
+    resumed = RunRecord.create_or_resume(tmp_path, "r", {"a": 1}, wandb=False, inputs=weights)
+    assert read_metrics(resumed.path, allow_incomplete=True) == [{"epoch": 0}]
+
+
 def test_incomplete_and_failed_runs_are_refused_by_readers(tmp_path: Path) -> None:
     running = RunRecord.create(tmp_path, "running", {}, wandb=False)
     running.log({"epoch": 0})
