@@ -17,7 +17,8 @@ RUN_FIG_ZO     = $(PY) -m
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint fig3 fig-zo-flow bench fig-toy fig-nim table1 toy-assets tiny-assets tiny-check clean-venv
+METHOD      ?= tempflow-grpo
+.PHONY: help setup test test-slow lint train fig3 fig-zo-flow bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,9 +38,13 @@ test: setup  ## the fast suite (< 10 min on 2 cores)
 test-slow: setup  ## the tests marked slow
 	$(PY) -m pytest -q -m slow
 
-lint: setup  ## ruff
+lint: setup  ## ruff, and the layout's import contracts (pyproject.toml [tool.importlinter])
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+train: setup  ## one run of any registered method (METHOD=tempflow-grpo SCALE=smoke|tiny, ARGS="--set k=v")
+	$(PY) -m experiments.run $(METHOD) --scale $(SCALE) $(ARGS)
 
 fig3: setup  ## Figure 3: TempFlow-GRPO vs Uniform vs Equal Variance Reallocation (SCALE=smoke|tiny|paper|1gpu)
 	$(RUN_FIG3) experiments.fig3 --scale $(SCALE) $(ARGS)
@@ -58,6 +63,9 @@ fig-nim: setup  ## influence metric per timestep of every method at its paper sc
 
 table1: setup  ## Table 1 from the method registry (results/tables/table1.md, .tex)
 	$(PY) -m experiments.table1
+
+smoke-reference: setup  ## re-measure the numbers gate's reference (tests/reference/smoke_metrics.json)
+	$(PY) -m experiments.smoke_reference
 
 tiny-assets: setup  ## pretrain the tiny world (CLIP, aesthetic scorer, flow and diffusion models; < 60 min)
 	$(PY) -m experiments.tiny_assets $(ARGS)

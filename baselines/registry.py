@@ -1,4 +1,8 @@
-"""Every published method the harness knows, with its declared RSM reduction (Table 1's rows)."""
+"""THE list of methods the harness knows: every published baseline (Table 1's rows) and the paper's
+redesigns, each with its declared RSM reduction and, where it trains, its arm kind.
+
+Training (``experiments.run``), Table 1, the influence figure and the tests all read this list.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from baselines import (
     tempflow_grpo,
     vgg_flow,
 )
-from baselines.method import Method
+from baselines.method import Family, Method
 
 METHODS: tuple[Method, ...] = (
     vgg_flow.METHOD,
@@ -37,3 +41,13 @@ def get(name: str) -> Method:
 
 def reduced() -> tuple[Method, ...]:
     return tuple(m for m in METHODS if m.reduced)
+
+
+def published() -> tuple[Method, ...]:
+    """The baselines as their authors wrote them: the rows of Table 1."""
+    return tuple(m for m in METHODS if m.family is Family.BASELINE)
+
+
+def trainable() -> tuple[Method, ...]:
+    """Every method an rsm_core arm kind can train today."""
+    return tuple(m for m in METHODS if m.trainable)

@@ -13,7 +13,7 @@ sg(rho) on G and P.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -27,20 +27,23 @@ from baselines.common import (
     mean_log_ratio,
     policy_gradient_coefficients,
 )
-from baselines.method import Method, Relation, Signal, TableRow
+from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
-from rsm_core.loss import Coefficients, Surrogate, clipped_ratio, matching
+from rsm_core.config import require
+from rsm_core.loss import Coefficients, Surrogate, fair_clip_scales, scaled_surrogate
 from rsm_core.transitions import Transitions
+from rsm_core.weighting import grpo_guard_weight
 
-Objective = Literal["ppo", "matching"]
+ObjectiveForm = Literal["ppo", "matching"]
 # The reweight options of the published trainer (spec §8.1-8.2); Figure 3's redesigns use fair_clip,
 # the GenEval redesign fair_clip2 (fair clipping with GRPO-Guard's temporal weight nu_t / delta_t).
 Reweight = Literal["base", "tempflow", "fair_clip", "fair_clip2"]
+FORMS = {"ppo": "ratio", "matching": "matching"}  # the trust region each objective clips with
 
 
 @dataclass(frozen=True)
 class TempFlowConfig:
-    objective: Objective = "ppo"
+    objective: ObjectiveForm = "ppo"
     reweight: Reweight = "tempflow"
     # Hard-coded in the published code; 1 / mean_t nu_t = 2.2522 over the 9 trained SD3.5 steps, so
     # the weights average to about one there.
@@ -49,6 +52,19 @@ class TempFlowConfig:
     adv_clip_max: float = 5.0
     beta: float = 0.01  # Fig. 3 (aesthetic); 0.004 for GenEval
     kl_denominator: KLDenominator = "heuristic"  # Fig. 3; "exact" for GenEval
+
+    def __post_init__(self) -> None:
+        require(self.objective in FORMS, "objective", f"choose one of {list(FORMS)}")
+        require(self.reweight in get_args(Reweight), "reweight", f"choose one of {list(get_args(Reweight))}")
+        require(
+            not (self.objective == "ppo" and self.reweight == "fair_clip2"),
+            "reweight",
+            "fair_clip2 exists only for objective 'matching' (as in the published code)",
+        )
+        require(self.kl_denominator in ("heuristic", "exact"), "kl_denominator", "heuristic or exact")
+        require(self.clip_range > 0, "clip_range", "must be positive")
+        require(self.adv_clip_max > 0, "adv_clip_max", "must be positive")
+        require(self.beta >= 0, "beta", "must not be negative")
 
 
 def noise_weight(rows: Transitions, config: TempFlowConfig) -> Tensor:
@@ -71,16 +87,9 @@ def clip_scale_and_weight(rows: Transitions, config: TempFlowConfig) -> tuple[Te
         gamma = noise_weight(rows, config)
         return (one, gamma) if config.objective == "ppo" else (gamma, one)
     if config.reweight == "fair_clip":
-        return nu**2, 1 / nu**2
-    if config.reweight == "fair_clip2":
-        if config.objective == "ppo":
-            raise ValueError(
-                "reweight fair_clip2 exists only for objective 'matching' (as in the published code)"
-            )
-        return nu**2, 1 / (nu * flow_step(rows.kernel))
-    raise ValueError(
-        f"unknown TempFlow reweight {config.reweight!r}; choose base, tempflow, fair_clip or fair_clip2"
-    )
+        return fair_clip_scales(nu)
+    # fair_clip2 (matching only: the config refuses ppo with it)
+    return fair_clip_scales(nu, grpo_guard_weight(nu, flow_step(rows.kernel)))
 
 
 def row_weight(rows: Transitions) -> Tensor:
@@ -88,19 +97,51 @@ def row_weight(rows: Transitions) -> Tensor:
     return rows.branch_weight * (rows.advantage != 0)
 
 
+def _policy(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> tuple[Surrogate, Tensor]:
+    """The clipped policy term and the log-ratio its trust region acts on (kappa_t log rho)."""
+    scale, weight = clip_scale_and_weight(rows, config)
+    log_ratio = mean_log_ratio(f_theta, rows)
+    adv = clip_advantage(rows, config.adv_clip_max)
+    policy = scaled_surrogate(
+        log_ratio, adv, config.clip_range, form=FORMS[config.objective], clip_scale=scale, weight=weight
+    )
+    return policy, scale * log_ratio
+
+
+def kl(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> Tensor:
+    """The per-row KL to the reference with the configured denominator (spec §9)."""
+    return kl_to_reference(f_theta, rows, config.kl_denominator)
+
+
 def loss(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> Surrogate:
     rows.require("noise", "advantage", "f_ref", "branch_weight", method="TempFlow-GRPO")
-    adv = clip_advantage(rows, config.adv_clip_max)
-    scale, weight = clip_scale_and_weight(rows, config)
-    scaled_log_ratio = scale * mean_log_ratio(f_theta, rows)
+    policy, _ = _policy(f_theta, rows, config)
+    return Surrogate(
+        row_weight(rows) * (policy.loss + config.beta * kl(f_theta, rows, config)), policy.active
+    )
+
+
+def diagnostics(
+    f_theta: Tensor, rows: Transitions, config: TempFlowConfig, surrogate: Surrogate
+) -> dict[str, Tensor]:
+    """Per-row statistics as the published trainer logs them (spec §8.4), plus ours:
+
+    - ``clipfrac``: ppo |rho - 1| > eps_c with rho = exp(kappa log rho); matching eps_c |A| + A m < 0;
+    - ``clip_zeroed_frac``: rows whose policy gradient the trust region zeroes (our own measure);
+    - ``approx_kl``: 0.5 (kappa log rho)^2; ``kl_loss``: the KL term with the row's k_avg / k_i.
+    """
+    _, log_ratio = _policy(f_theta, rows, config)
     if config.objective == "ppo":
-        policy = clipped_ratio(scaled_log_ratio, adv, config.clip_range)
-    elif config.objective == "matching":
-        policy = matching(scaled_log_ratio, adv, config.clip_range)
+        clipped = (torch.exp(log_ratio) - 1).abs() > config.clip_range
     else:
-        raise ValueError(f"unknown TempFlow objective {config.objective!r}; choose 'ppo' or 'matching'")
-    kl = kl_to_reference(f_theta, rows, config.kl_denominator)
-    return Surrogate(row_weight(rows) * (weight * policy.loss + config.beta * kl), policy.active)
+        adv = clip_advantage(rows, config.adv_clip_max)
+        clipped = config.clip_range * adv.abs() - adv * log_ratio < 0
+    return {
+        "clipfrac": clipped.double(),
+        "clip_zeroed_frac": (~surrogate.active).double(),
+        "approx_kl": 0.5 * log_ratio**2,
+        "kl_loss": kl(f_theta, rows, config) * rows.branch_weight,
+    }
 
 
 def coefficients(f_theta: Tensor, rows: Transitions, config: TempFlowConfig, active: Tensor) -> Coefficients:
@@ -112,13 +153,6 @@ def coefficients(f_theta: Tensor, rows: Transitions, config: TempFlowConfig, act
     return policy_gradient_coefficients(rows.kernel.w, rows.noise, policy, alpha, rows.elements)
 
 
-def microbatch_loss(rows_loss: Tensor, rows: Transitions) -> Tensor:
-    """sum(row loss over valid rows) / max(#valid, 1); valid = non-zero advantage (padding is dropped
-    before the rows get here)."""
-    valid = rows.advantage != 0
-    return (rows_loss * valid).sum() / valid.sum().clamp(min=1)
-
-
 _ROW = dict(
     estimator="ZO",
     lookahead="one SDE step, then ODE (localised)",
@@ -128,31 +162,81 @@ _ROW = dict(
     g=r"$\mathbb{1}\gamma A b\,\epsilon/(2\nu d)$ per child",
     p=r"$\mathbb{1}\gamma A b^2/(2\nu^2 d)$ ($\Sigma\approx 0$ over a centred group)",
 )
+# What every method on the branching arm shares: its grid, its signal and its per-row pieces.
+_BRANCHING = dict(
+    grid=grids.sd35_flow_grpo,
+    signal=Signal.STEIN,
+    loss=loss,
+    coefficients=coefficients,
+    kl=kl,
+    diagnostics=diagnostics,
+    needs=("noise", "advantage", "f_ref", "branch_weight"),
+    arm="zo_branch",
+)
 
 METHODS = [
     Method(
         name="tempflow-grpo",
         title="TempFlow-GRPO (ppo)",
-        grid=grids.sd35_flow_grpo,
         table=TableRow(trust_region=r"clip on $\rho$ ($\times\rho$ per sample)", **_ROW),
         relation=Relation.RATIO_FACTOR,
-        signal=Signal.STEIN,
         config=TempFlowConfig(),
-        loss=loss,
-        coefficients=coefficients,
-        needs=("noise", "advantage", "f_ref", "branch_weight"),
+        arm_config={"profile": "base"},
         note="alpha_t = beta delta_t (heuristic KL denominator); rows weighted by k_avg / k_i",
+        **_BRANCHING,
     ),
     Method(
         name="tempflow-grpo-matching",
         title="TempFlow-GRPO (matching)",
-        grid=grids.sd35_flow_grpo,
         table=TableRow(trust_region=r"clip on $\gamma_t\log\rho$", **_ROW),
         relation=Relation.EXACT,
-        signal=Signal.STEIN,
         config=TempFlowConfig(objective="matching"),
-        loss=loss,
-        coefficients=coefficients,
-        needs=("noise", "advantage", "f_ref", "branch_weight"),
+        arm_config={"profile": "base"},
+        **_BRANCHING,
+    ),
+    # The paper's redesigns of zeroth-order flow matching (spec §14), configurations of the same parts.
+    # Figure 3, step 1: fair clipping alone (the clip acts on nu_t^2 log rho, the rescaling is undone
+    # outside it), with the baseline's profile and loss family.
+    Method(
+        name="fair-clip",
+        title="Fair clipping (base profile)",
+        family=Family.REDESIGN,
+        relation=Relation.RATIO_FACTOR,
+        config=TempFlowConfig(reweight="fair_clip"),
+        arm_config={"profile": "base"},
+        **_BRANCHING,
+    ),
+    # Steps 2 and 3: the branching budget reallocated, towards high SNR and with step 8 switched off
+    # (the baseline's loss family, ppo, as the spec recommends).
+    Method(
+        name="uniform-reallocation",
+        title="Uniform Reallocation (fair clip, base2)",
+        family=Family.REDESIGN,
+        relation=Relation.RATIO_FACTOR,
+        config=TempFlowConfig(reweight="fair_clip"),
+        arm_config={"profile": "base2"},
+        **_BRANCHING,
+    ),
+    Method(
+        name="equal-variance-reallocation",
+        title="Equal Variance Reallocation (fair clip, highsnr2)",
+        family=Family.REDESIGN,
+        relation=Relation.RATIO_FACTOR,
+        config=TempFlowConfig(reweight="fair_clip"),
+        arm_config={"profile": "highsnr2"},
+        **_BRANCHING,
+    ),
+    # The GenEval validation (the published command): low-SNR branching, the matching loss with fair
+    # clipping and GRPO-Guard's temporal weight, ODE-anchor KL rows, the GenEval preset's KL.
+    Method(
+        name="lowsnr2-matching-fairclip2",
+        title="lowsnr2 + matching + fair clip2",
+        family=Family.REDESIGN,
+        relation=Relation.EXACT,
+        config=TempFlowConfig(
+            objective="matching", reweight="fair_clip2", beta=0.004, kl_denominator="exact"
+        ),
+        arm_config={"profile": "lowsnr2", "ode_anchors": True},
+        **_BRANCHING,
     ),
 ]

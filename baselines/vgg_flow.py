@@ -24,13 +24,13 @@ from torch import Tensor
 from baselines.method import Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.flows import per_sample
+from rsm_core.interfaces import SampleReward
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, Surrogate
 from rsm_core.transitions import Transitions
 from rsm_core.weighting import EtaMode, vgg_flow_eta
 
 FieldFn = Callable[[Tensor, Tensor], Tensor]  # (x, t (B,)) -> a latent-shaped output
-RewardFn = Callable[[Tensor], Tensor]  # x0_hat -> (B,) reward (decode included), differentiable
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class UnprunedTerms:
 
 
 def _reward_grad(
-    reward: RewardFn,
+    reward: SampleReward,
     x_explicit: Tensor,
     velocity_input: Tensor,
     policy: FieldFn,
@@ -129,7 +129,7 @@ def unpruned_loss(
     policy: FieldFn,
     reference: FieldFn,
     value: FieldFn,
-    reward: RewardFn,
+    reward: SampleReward,
     terminal: Tensor,
 ) -> UnprunedTerms:
     """The value-network VGG-Flow (fo_first_order spec §B.5) on rows that carry the current-state

@@ -19,12 +19,12 @@ from tqdm import tqdm
 from experiments.cli import run
 from experiments.fig_toy_config import FigToyConfig, Mode
 from experiments.plot import plot_fig_toy, toy_frame
+from experiments.toy_study import Denoise, StudySettings, ToyStudy
 from rsm_core.config import load_config
 from rsm_core.records import RunRecord
 from rsm_core.toy.assets import TrainSettings, load_denoisers
 from rsm_core.toy.denoiser import train_pair
 from rsm_core.toy.mixture import UnitMixture, reward_gradient, toy_alphas_cumprod
-from rsm_core.toy.study import Denoise, StudySettings, ToyStudy
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "fig_toy"
 STAGES = ("full rollout", "panel b", "panel c-i", "panel c-ii", "panel c-iii")

@@ -9,28 +9,23 @@ model with shapes_geneval; paper scale: SD3.5-M with the remote GenEval reward s
 
 from __future__ import annotations
 
-from experiments import zo_sweep
+from experiments import sweep
 from experiments.cli import run
 
 ARMS = {
-    "TempFlow-GRPO": ["arm.profile=base", "arm.loss.objective=ppo", "arm.loss.reweight=tempflow"],
-    "lowsnr2 + matching + fair clip2": [
-        "arm.profile=lowsnr2",
-        "arm.loss.objective=matching",
-        "arm.loss.reweight=fair_clip2",
-        "arm.ode_anchors=true",
-    ],
+    "TempFlow-GRPO": ["method=tempflow-grpo"],
+    "lowsnr2 + matching + fair clip2": ["method=lowsnr2-matching-fairclip2"],
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    zo_sweep.main(
+    sweep.main(
         argv,
         figure="fig_zo_flow",
         doc=__doc__,
         arms=ARMS,
         title="GenEval validation — zeroth-order flow",
-        ylabel="evaluation GenEval strict accuracy (mean over test images)",
+        ylabel="GenEval strict accuracy\n(mean over test images)",
         y="strict",
         extra={"strict": ("eval_shapes_geneval_strict", "eval_geneval-server-strict")},
     )

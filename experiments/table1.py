@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     paths = [args.out.with_suffix(".md"), args.out.with_suffix(".tex")]
-    atomic_write_text(paths[0], markdown(registry.METHODS))
-    atomic_write_text(paths[1], latex(registry.METHODS))
+    atomic_write_text(paths[0], markdown(registry.published()))
+    atomic_write_text(paths[1], latex(registry.published()))
     print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from experiments import tiny_check
 from experiments.cli import run
+from experiments.tiny_world import World, save_world
 from reward_models.shapes_aesthetic import train_aesthetic
 from reward_models.shapes_clip import train_clip
-from rsm_core.backbones.tiny import TinyDiffusion, TinyFlow
+from reward_models.world import RewardNets
 from rsm_core.records import git
 from rsm_core.world import prompts
-from rsm_core.world.assets import ASSET_DIR, World, save_world
+from rsm_core.world.assets import ASSET_DIR, build_backbones
 from rsm_core.world.dataset import SceneSampler
 from rsm_core.world.pretrain import PretrainSettings, pretrain
 
@@ -102,7 +103,7 @@ def train_world(settings: AssetSettings) -> tuple[World, dict]:
             progress=p,
         ),
     )
-    world = World(clip, aesthetic, TinyFlow(clip.text), TinyDiffusion(clip.text))
+    world = World(build_backbones(clip.text), RewardNets(clip, aesthetic))
     for name, backbone, steps in (
         ("flow", world.flow, settings.flow_steps),
         ("diffusion", world.diffusion, settings.diffusion_steps),

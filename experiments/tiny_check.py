@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from experiments.cli import run
+from experiments.tiny_world import World, load_world
 from reward_models.shapes_geneval import ShapesGenEval
 from rsm_core.records import atomic_write_text
 from rsm_core.world import prompts
-from rsm_core.world.assets import ASSET_DIR, SAMPLING, World, load_world, update_manifest
+from rsm_core.world.assets import ASSET_DIR, SAMPLING, update_manifest
 from rsm_core.world.diagnostics import branch_reward_variance
 from rsm_core.world.scenes import render_batch, sample_scene
 
@@ -99,11 +100,7 @@ def diagnostic(world: World, settings: CheckSettings, test: list[dict]) -> dict[
     rng = np.random.default_rng(settings.seed)
     metas = [test[i] for i in rng.choice(len(test), size=settings.diagnostic_parents, replace=False)]
     texts = [m["prompt"] for m in metas]
-    rewards = {
-        "shapes_geneval": ShapesGenEval("partial"),
-        "shapes_aesthetic": lambda images, p, m: world.rewards["shapes_aesthetic"](images, p),
-        "shapes_clip": lambda images, p, m: world.rewards["shapes_clip"](images, p),
-    }
+    rewards = {name: world.rewards[name] for name in ("shapes_geneval", "shapes_aesthetic", "shapes_clip")}
     out = {}
     for name, backbone in tqdm((("flow", world.flow), ("diffusion", world.diffusion)), desc="diagnostic"):
         variances = branch_reward_variance(
@@ -117,7 +114,7 @@ def diagnostic(world: World, settings: CheckSettings, test: list[dict]) -> dict[
             torch.Generator().manual_seed(settings.seed),
         )
         times = backbone.grid_times(settings.diagnostic_steps)
-        step_std = torch.stack([k.nu for k in backbone.flow.sde_kernels(settings.diagnostic_steps)])
+        step_std = backbone.flow.sde_grid(settings.diagnostic_steps).kernel.nu
         out[name] = {
             "t": times.tolist(),
             "step_std": step_std.tolist(),

@@ -12,12 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
     """A config key or value is not what the schema allows."""
+
+
+class InvalidValue(ConfigError):
+    """A value of the right type outside its allowed range or choices (raised by a config's checks)."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key, self.detail = key, detail
+        super().__init__(f"bad value for config key '{key}': {detail}")
+
+    def under(self, prefix: str) -> InvalidValue:
+        """The same error with the key's full path (a section checks only its own keys)."""
+        return InvalidValue(f"{prefix}.{self.key}", self.detail)
+
+
+def require(condition: bool, key: str, detail: str) -> None:
+    """A config check for ``__post_init__``: the message names the key and what is allowed."""
+    if not condition:
+        raise InvalidValue(key, detail)
 
 
 def _valid_keys(node: Any) -> list[str]:
@@ -29,9 +47,9 @@ def _parent_node(cfg: DictConfig, dotted: str) -> Any:
     return OmegaConf.select(cfg, parent) if parent else cfg
 
 
-def _explain(cfg: DictConfig, error: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(cfg: DictConfig, error: OmegaConfBaseException, source: str, key: str = "?") -> ConfigError:
     """Turn an omegaconf error into a message with the full key, the source and the valid choices."""
-    key = getattr(error, "full_key", None) or "?"
+    key = getattr(error, "full_key", None) or key
     if isinstance(error, ConfigKeyError | ConfigAttributeError):
         leaf = key.rpartition(".")[2]
         valid = _valid_keys(_parent_node(cfg, key))
@@ -39,7 +57,10 @@ def _explain(cfg: DictConfig, error: OmegaConfBaseException, source: str) -> Con
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         valid_list = ", ".join(valid)
         return ConfigError(f"unknown config key '{key}' in {source}.{hint} Valid keys here: {valid_list}")
-    detail = str(error.msg).splitlines()[0]  # omegaconf's first line names the expected type or the choices
+    # omegaconf's first line names the expected type or the choices
+    detail = (
+        str(error.msg) if getattr(error, "msg", None) else f"{type(error).__name__}: {error}"
+    ).splitlines()[0]
     return ConfigError(f"bad value for config key '{key}' in {source}: {detail}")
 
 
@@ -52,20 +73,68 @@ def _read_yaml(path: Path) -> Any:
 
 
 def load_config(schema: type, *yaml_paths: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The schema's defaults, then each YAML file in order, then dotted ``key=value`` overrides."""
+    """The schema's defaults, then each YAML file in order, then dotted ``key=value`` overrides.
+
+    An override may index a list (``seeds.1=3``); whatever it cannot set is a ``ConfigError``.
+    """
     cfg = OmegaConf.structured(schema)
-    layers = [(f"file {p}", _read_yaml(Path(p))) for p in yaml_paths]
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
-    for source, layer in layers:
+    for path in yaml_paths:
         try:
-            cfg = OmegaConf.merge(cfg, layer)
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         except OmegaConfBaseException as error:
-            raise _explain(cfg, error, source) from None
+            raise _explain(cfg, error, f"file {path}") from None
+    for item in overrides:
+        cfg = apply_override(cfg, item)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """``cfg`` with one dotted ``key=value`` applied (the value parsed as omegaconf parses a command
+    line). A list entry (``seeds.1=3``) is set by replacing the whole list with the edited copy."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    source = f"override '{item}'"
+    value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, prefix)
+        if isinstance(node, ListConfig):
+            index = parts[depth]
+            if not index.isdigit() or int(index) >= len(node):
+                entries = OmegaConf.to_container(node)
+                what = f"a list of {len(node)} entries ({entries}); use an index below {len(node)}"
+                raise ConfigError(
+                    f"bad list index in {source}: '{prefix}' is {what if len(node) else 'an empty list'}, "
+                    f"or set the whole list with {prefix}=[...]"
+                )
+            edited = OmegaConf.create(OmegaConf.to_container(node))
+            rest = ".".join(parts[depth + 1 :])
+            if rest:
+                entry = edited[int(index)]
+                if not isinstance(entry, DictConfig):
+                    raise ConfigError(
+                        f"cannot set '{key}' in {source}: '{prefix}.{index}' is the value {entry!r}, "
+                        "not a section"
+                    )
+                OmegaConf.update(entry, rest, value, merge=True)
+            else:
+                edited[int(index)] = value
+            key, value = prefix, edited
+            break
+        if node is not None and not isinstance(node, DictConfig):
+            raise ConfigError(
+                f"cannot set '{key}' in {source}: '{prefix}' is the value {node!r}, not a section"
+            )
+    layer: Any = value
+    for part in reversed(key.split(".")):
+        layer = {part: layer}
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as error:
+        raise _explain(cfg, error, source, key) from None
 
 
 def config_to_dict(cfg: DictConfig) -> dict:

@@ -14,7 +14,6 @@ Estimators for a batch of P states x_t (shape (P, *D)) at chain step i, entropy 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,10 +21,10 @@ import torch
 from torch import Tensor
 
 from rsm_core.flows import per_sample
+from rsm_core.interfaces import SampleReward
 from rsm_core.kernels import Kernel
 from rsm_core.rollout import Chain, NativeFn, ShareFn, rollout
 
-RewardFn = Callable[[Tensor], Tensor]  # clean samples (B, *D) -> rewards (B,)
 Centering = Literal["none", "mean", "leave-one-out"]
 Scaling = Literal["none", "std", "mad"]
 
@@ -40,13 +39,39 @@ def lookahead_scale(kernel: Kernel, alpha: float = 1.0) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _group_sum(values: Tensor, group_ids: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-row sum of its group's values and the group's size."""
-    counts = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(
-        0, group_ids, torch.ones_like(values)
-    )
-    sums = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, group_ids, values)
-    return sums[group_ids], counts[group_ids]
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-group moments of flat values; ``index`` maps each value to its group (dense 0..G-1)."""
+
+    index: Tensor  # (N,)
+    ids: Tensor  # (G,) the group id of each group
+    count: Tensor  # (G,)
+    total: Tensor  # (G,) sum of the values
+    mean: Tensor  # (G,)
+    std: Tensor  # (G,) population std (ddof 0)
+    constant: Tensor  # (G,) bool: every value of the group is the same (decided exactly, not by std)
+
+    def per_row(self, values: Tensor) -> Tensor:
+        return values[self.index]
+
+
+def group_stats(values: Tensor, group_ids: Tensor | None = None) -> GroupStats:
+    """Count, mean and population std of ``values`` within each group (one group when ids are None);
+    the one pass every group statistic of the harness uses (advantages, reward spreads, zero-std
+    ratios)."""
+    if values.ndim != 1:
+        raise ValueError(f"group statistics take flat values of shape (N,), got {tuple(values.shape)}")
+    if group_ids is None:
+        group_ids = torch.zeros_like(values, dtype=torch.long)
+    ids, index = torch.unique(group_ids, return_inverse=True)
+    zeros = torch.zeros(len(ids), dtype=values.dtype, device=values.device)
+    count = zeros.index_add(0, index, torch.ones_like(values))
+    total = zeros.index_add(0, index, values)
+    mean = total / count
+    var = zeros.index_add(0, index, (values - mean[index]) ** 2) / count
+    high = zeros.scatter_reduce(0, index, values, reduce="amax", include_self=False)
+    low = zeros.scatter_reduce(0, index, values, reduce="amin", include_self=False)
+    return GroupStats(index, ids, count, total, mean, var.sqrt(), high == low)
 
 
 def advantages(
@@ -58,36 +83,36 @@ def advantages(
     eps: float = 1e-4,
     clip: float | None = None,
 ) -> Tensor:
-    """Centre and scale flat rewards within groups (one group when group_ids is None).
+    """Centre and scale flat rewards within groups (one group when group_ids is None), in float64.
 
     "mean" subtracts the group mean including the sample itself (Flow-GRPO's tracker; an O(1/G) bias
     in a Stein estimate); "leave-one-out" subtracts the mean of the others (unbiased). "std" divides by
     the population std + eps, "mad" by the mean absolute deviation + eps; clip bounds the result.
+    As in the published trackers the arithmetic is float64, and a centred group whose rewards are all
+    equal gets advantage exactly 0 (its rows are masked downstream): float32 rounding would leave
+    1e-4 to 5e-3 there (e.g. 8 or 10 children that all score 1/3, 2/3 or 3/5).
     """
-    if rewards.ndim != 1:
-        raise ValueError(f"advantages takes flat rewards of shape (N,), got {tuple(rewards.shape)}")
-    if group_ids is None:
-        group_ids = torch.zeros_like(rewards, dtype=torch.long)
-    groups = int(group_ids.max()) + 1
-    sums, counts = _group_sum(rewards, group_ids, groups)
-    if center == "none":
-        centered = rewards
-    elif center == "mean":
-        centered = rewards - sums / counts
-    elif center == "leave-one-out":
-        if bool(torch.any(counts < 2)):
-            raise ValueError("leave-one-out centring needs at least two samples in every group")
-        centered = rewards - (sums - rewards) / (counts - 1)
-    else:
+    if center not in ("none", "mean", "leave-one-out"):
         raise ValueError(f"unknown centring {center!r}; choose 'none', 'mean' or 'leave-one-out'")
     if scale not in ("none", "std", "mad"):
         raise ValueError(f"unknown scaling {scale!r}; choose 'none', 'std' or 'mad'")
-    if scale != "none":
-        deviation = rewards - sums / counts
-        spread = deviation**2 if scale == "std" else deviation.abs()
-        spread_sum, _ = _group_sum(spread, group_ids, groups)
-        mean_spread = spread_sum / counts
-        centered = centered / ((mean_spread.sqrt() if scale == "std" else mean_spread) + eps)
+    stats = group_stats(rewards, group_ids)
+    count, mean = stats.per_row(stats.count), stats.per_row(stats.mean)
+    if center == "none":
+        centered = rewards
+    elif center == "mean":
+        centered = rewards - mean
+    else:
+        if bool(torch.any(count < 2)):
+            raise ValueError("leave-one-out centring needs at least two samples in every group")
+        centered = rewards - (stats.per_row(stats.total) - rewards) / (count - 1)
+    if scale == "std":
+        centered = centered / (stats.per_row(stats.std) + eps)
+    elif scale == "mad":
+        deviation = (
+            torch.zeros_like(stats.mean).index_add(0, stats.index, (rewards - mean).abs()) / stats.count
+        )
+        centered = centered / (stats.per_row(deviation) + eps)
     return centered.clamp(-clip, clip) if clip is not None else centered
 
 
@@ -125,7 +150,7 @@ def zeroth_order_particles(
     *,
     depth: int | None,
     width: int,
-    reward: RewardFn,
+    reward: SampleReward,
     generator: torch.Generator | None = None,
     share: ShareFn | None = None,
     reference: NativeFn | None = None,
@@ -175,7 +200,7 @@ def first_order_current(
     chain: Chain,
     x: Tensor,
     step: int,
-    reward: RewardFn,
+    reward: SampleReward,
     *,
     alpha: float = 1.0,
     jacobian: Literal["full", "identity"] = "full",
@@ -204,7 +229,7 @@ def first_order_lookahead_particles(
     *,
     depth: int | None,
     width: int,
-    reward: RewardFn,
+    reward: SampleReward,
     wrt: Literal["child", "state"] = "child",
     generator: torch.Generator | None = None,
 ) -> Tensor:

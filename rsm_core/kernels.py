@@ -11,7 +11,6 @@ density) and "mean" (the per-element mean that DDPO, Flow-GRPO and the RSM code 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -261,26 +260,3 @@ def ode(point: TimePoint, prev: TimePoint) -> Kernel:
     if point.prediction == "eps":
         return vp_ode(point.alpha**2, prev.alpha**2)
     return flow_ode(point.sigma, prev.sigma)
-
-
-def stack(steps: Sequence[Kernel]) -> Kernel:
-    """One kernel with (N,) coefficients from N single-step kernels, so a batch can ``select`` its steps."""
-    if not steps:
-        raise ValueError("stack needs at least one kernel")
-
-    def points(attr: str) -> TimePoint:
-        first = getattr(steps[0], attr)
-        return TimePoint(
-            first.prediction,
-            torch.stack([getattr(k, attr).alpha for k in steps]),
-            torch.stack([getattr(k, attr).sigma for k in steps]),
-        )
-
-    return Kernel(
-        points("point"),
-        points("prev"),
-        torch.stack([k.x_coef for k in steps]),
-        torch.stack([k.f_coef for k in steps]),
-        torch.stack([k.nu for k in steps]),
-        name=steps[0].name,
-    )

@@ -93,26 +93,33 @@ def matching(log_ratio: Tensor, adv: Tensor, clip_range: float) -> Surrogate:
     return Surrogate(torch.clamp(margin, min=0), margin > 0)
 
 
-def fair_clip(
+SURROGATES = {"ratio": clipped_ratio, "matching": matching}
+
+
+def scaled_surrogate(
     log_ratio: Tensor,
     adv: Tensor,
     clip_range: float,
-    step_scale: Tensor,
-    gamma: Tensor | float = 1.0,
-    form: str = "ratio",
+    *,
+    form: str,
+    clip_scale: Tensor | float = 1.0,
+    weight: Tensor | float = 1.0,
 ) -> Surrogate:
-    """Fair clipping (Eq. 24): clip in mean-shift units lambda_t log rho, weight gamma_t / lambda_t outside.
+    """A trust region on clip_scale * log rho, its clipped term multiplied by ``weight`` outside.
 
-    lambda_t = nu_t^2 makes the clip width independent of the step's noise; gamma_t = 1 is
-    ``fair_clip``, gamma_t = nu_t / delta_t the published GenEval run (``fair_clip2``).
+    form "ratio" is PPO's clipped ratio, "matching" the clipped log-ratio. Fair clipping (Eq. 24) is
+    ``fair_clip_scales``: the clip acts in mean-shift units and the rescaling is undone outside.
     """
-    objectives = {"ratio": clipped_ratio, "matching": matching}
-    if form not in objectives:
-        raise ValueError(f"unknown fair-clip form {form!r}; choose one of {sorted(objectives)}")
-    inner = objectives[form](step_scale * log_ratio, adv, clip_range)
-    return Surrogate(gamma / step_scale * inner.loss, inner.active)
+    if form not in SURROGATES:
+        raise ValueError(f"unknown trust-region form {form!r}; choose one of {sorted(SURROGATES)}")
+    inner = SURROGATES[form](clip_scale * log_ratio, adv, clip_range)
+    return Surrogate(weight * inner.loss, inner.active)
 
 
-def quadratic_anchor(s_theta: Tensor, s_old: Tensor, weight: Tensor) -> Tensor:
-    """The quadratic trust region P ||s_theta - s_old||^2 (the P term of the canonical loss alone)."""
-    return weight * reduce_per_sample((s_theta - s_old.detach()) ** 2, "sum")
+def fair_clip_scales(nu: Tensor, gamma: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """(clip scale, outer weight) of fair clipping: clip nu_t^2 log rho, weight gamma_t / nu_t^2.
+
+    nu_t^2 log rho is a mean shift in latent units, so the clip width means the same at every step;
+    gamma_t = 1 is ``fair_clip``, gamma_t = nu_t / delta_t the published GenEval run (``fair_clip2``).
+    """
+    return nu**2, gamma / nu**2

@@ -41,14 +41,26 @@ class Profile:
         """k_avg / k_i: every active step carries the same total loss mass whatever its k_i."""
         return self.k_avg / self.k[step]
 
-    def nfe_per_parent(self, sampler_steps: int, repeat_parent_forward: bool = False) -> int:
-        """Guided model calls per parent: the ODE trunk (steps 0..N-2) plus each child's ODE tail.
+    def nfe_per_parent(self, sampler_steps: int) -> int:
+        """Guided model calls per parent of our sampler: the ODE trunk (one call per profile entry)
+        plus each child's ODE tail; a child of step i reuses the trunk's output at x_i for its SDE
+        step, then needs N - 1 - i calls."""
+        return len(self.k) + sum(k * (sampler_steps - 1 - i) for i, k in enumerate(self.k))
 
-        A child of step i reuses the trunk's output at x_i for its SDE step, then needs N - 1 - i
-        calls; the published code recomputes the trunk output once per child (N - i calls).
-        """
-        extra = 1 if repeat_parent_forward else 0
-        return sampler_steps - 1 + sum(k * (sampler_steps - 1 - i + extra) for i, k in enumerate(self.k))
+    def published_nfe_per_parent(
+        self, sampler_steps: int, parents: int = 1, chunk: int | None = None
+    ) -> float:
+        """What the published sampler spends per parent (zo_flow_tempflow spec §5): the trunk (steps
+        0..N-2), then per branching step k_i recomputed trunk outputs for each of ``parents`` parents,
+        then the ODE tails stepped together per grid point; pass 2a and 2b batches are padded up to
+        whole chunks of ``chunk`` rows (None: no padding, the spec table's count)."""
+
+        def padded(rows: int) -> int:
+            return rows if chunk is None else -(-rows // chunk) * chunk
+
+        branch = sum(padded(parents * k) for k in self.k if k)
+        tails = sum(padded(parents * sum(self.k[:j])) for j in range(1, sampler_steps) if sum(self.k[:j]))
+        return (sampler_steps - 1) + (branch + tails) / parents
 
 
 PUBLISHED = {

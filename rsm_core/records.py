@@ -56,11 +56,20 @@ class IncompleteRunError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
+def _file_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask): temp files start at 0600, and a
+    result a cluster group should read must not stay that way."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -82,6 +91,7 @@ def save_tensors_atomic(
     ``metadata`` (strings) travels in the same file, so tensors and bookkeeping can never disagree."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

@@ -117,8 +117,8 @@ class BranchRollout:
     """Parents' ODE trunks and one row per child: the child left trunk state x_i of parent p with one
     SDE step (noise eps) and followed the ODE to the end (``final``)."""
 
-    trunk: Tensor  # (P, N, *D): x_0 .. x_{N-1} of each parent's deterministic trajectory
-    trunk_native: Tensor  # (P, N - 1, *D): the policy's output at trunk steps 0 .. N-2
+    trunk: Tensor  # (P, L + 1, *D): x_0 .. x_L of each parent's ODE trajectory (L profile entries)
+    trunk_native: Tensor  # (P, L, *D): the policy's output at trunk steps 0 .. L - 1
     parent: Tensor  # (R,) parent index of each child row
     step: Tensor  # (R,) the step i it branched at
     noise: Tensor  # (R, *D) its SDE draw
@@ -144,18 +144,18 @@ def branching_rollout(
 ) -> BranchRollout:
     """Pass 1: ODE trunks; pass 2a: k_i SDE children of x_i per parent; pass 2b: ODE to the end.
 
-    The k_i children of a (parent, step) share the trunk's model output at x_i, which pass 1 already
-    computed, so no evaluation is repeated: NFE per parent = (N - 1) + sum_i k_i (N - 1 - i)
-    (``Profile.nfe_per_parent``). Kernel arithmetic runs in float64, states are stored in float32.
+    ``branches`` has one entry per trunk step (at most one per sampler step); the trunk is walked
+    that deep. The k_i children of a (parent, step) share the trunk's model output at x_i, which
+    pass 1 already computed, so no evaluation is repeated: NFE per parent = len(branches) +
+    sum_i k_i (N - 1 - i) (``Profile.nfe_per_parent``). Kernel arithmetic runs in float64, states are
+    stored in float32.
     """
-    steps, parents = len(ode), start.shape[0]
-    if len(branches) > steps - 1:
-        raise ValueError(
-            f"a profile for an {steps}-step sampler has at most {steps - 1} entries, got {len(branches)}"
-        )
+    steps, parents, depth = len(ode), start.shape[0], len(branches)
+    if depth > steps:
+        raise ValueError(f"a profile for an {steps}-step sampler has at most {steps} entries, got {depth}")
     everyone = torch.arange(parents)
     trunk, natives, nfe = [start], [], 0
-    for i in range(steps - 1):
+    for i in range(depth):
         natives.append(_evaluate(native, trunk[i], i, everyone, chunk))
         nfe += parents
         trunk.append(ode[i].mean(trunk[i].double(), natives[i].double()).float())

@@ -19,60 +19,66 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from rsm_core.budget import Budget
+from rsm_core.config import require
+from rsm_core.interfaces import Arm, ParamGroup
 from rsm_core.records import RunRecord, load_tensors, load_tensors_metadata, save_tensors_atomic
 
-
-class Arm(Protocol):
-    """One method on one backbone and one data shard: what the loop calls, in this order."""
-
-    generator: torch.Generator  # every random draw of the shard (rollout noise, shuffles)
-
-    def parameters(self) -> list[nn.Parameter]: ...
-
-    def collect(self, budget: Budget) -> Any:
-        """Roll out, score and compute advantages; time the "sample" and "reward" phases in budget."""
-
-    def microbatches(self, batch: Any, count_multiple: int) -> list[Any]:
-        """The epoch's rows shuffled and cut into a number of microbatches divisible by count_multiple."""
-
-    def loss(self, microbatch: Any) -> tuple[Tensor, dict[str, float]]:
-        """The microbatch's scalar loss (the loop averages microbatches and shards) and its stats."""
-
-    def batch_stats(self, batch: Any) -> dict[str, float]:
-        """Means over the shard's rows (shards are averaged)."""
-
-    def evaluate(self) -> dict[str, float]:
-        """Evaluation with the weights currently loaded (the loop swaps the EMA in)."""
-
-    def state(self) -> dict[str, Any]:
-        """JSON-able sampler state beyond the generator (e.g. how many prompt draws were made)."""
-
-    def load_state(self, state: dict[str, Any]) -> None: ...
+EmaTiming = Literal["before_step", "after_step"]
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     epochs: int = 150
+    # the policy group's optimiser (an arm's other groups may set their own lr, decay and clip)
     lr: float = 3e-4  # constant, no warm-up (spec §10)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # per parameter group; 0 or less: no clip
     updates_per_epoch: int = 2  # optimizer steps per epoch; the microbatches are split evenly
-    ema_every: int = 8  # EMA fires after every 8th optimizer step ...
-    ema_max_decay: float = 0.9  # ... with decay min((1 + n) / (10 + n), 0.9)
+    ema: bool = True  # evaluate (and save) an EMA of the trained weights
+    ema_every: int = 8  # EMA fires at every 8th optimizer step ...
+    ema_max_decay: float = 0.9  # ... with decay min((1 + n) / (10 + n), 0.9), n = steps taken
     # The published loop calls the EMA inside the microbatch loop, so when it fires it applies one
     # update per accumulated microbatch (a burst with the same weights). False: one update per firing.
     ema_burst: bool = True
+    # "before_step": the published order, the EMA averages the weights from before the optimizer step
+    # that fires it; "after_step": it averages the weights that step produced (the textbook order).
+    ema_timing: EmaTiming = "after_step"  # PHASE-A
     eval_every: int = 30  # epochs; also evaluated before training and after the last epoch
     checkpoint_every: int = 10  # epochs
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", "must be at least 1 (a run trains at least one epoch)")
+        for name in ("updates_per_epoch", "ema_every", "eval_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.lr > 0, "lr", "must be positive")
+        require(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        require(0 <= self.ema_max_decay < 1, "ema_max_decay", "must lie in [0, 1)")
+        require(self.ema_timing in ("before_step", "after_step"), "ema_timing", "before_step or after_step")
+        require(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas", "two values in [0, 1)")
+
+
+@dataclass
+class _Group:
+    """A parameter group with the loop's defaults filled in, and its EMA (if kept)."""
+
+    spec: ParamGroup
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    ema: list[Tensor] | None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.spec.params
 
 
 @contextmanager
@@ -97,27 +103,47 @@ class Trainer:
         self.shards, self.config, self.accelerator = list(shards), config, accelerator
         self.processes = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
-        self.params = self.shards[0].parameters()
+        self.groups = [self._group(spec) for spec in self.shards[0].param_groups()]
+        names = [g.spec.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"parameter group names must be unique, got {names}")
         self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=config.lr,
+            [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in self.groups],
             betas=tuple(config.betas),
-            weight_decay=config.weight_decay,
             eps=config.adam_eps,
         )
-        self.ema = [p.detach().clone() for p in self.params]
         self.budget = Budget()
         self.epoch = 0
         self.optimizer_steps = 0
+
+    def _group(self, spec: ParamGroup) -> _Group:
+        config = self.config
+        keep_ema = config.ema if spec.ema is None else spec.ema
+        return _Group(
+            spec,
+            lr=config.lr if spec.lr is None else spec.lr,
+            weight_decay=config.weight_decay if spec.weight_decay is None else spec.weight_decay,
+            max_grad_norm=config.max_grad_norm if spec.max_grad_norm is None else spec.max_grad_norm,
+            ema=[p.detach().clone() for p in spec.params] if keep_ema else None,
+        )
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.groups for p in g.params]
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where collectives run: NCCL takes only tensors on the accelerator's device."""
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         if self.processes == 1 or not values:
             return values
-        stacked = torch.tensor(list(values.values()), dtype=torch.float64)
+        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         return dict(zip(values, self.accelerator.reduce(stacked, "mean").tolist(), strict=True))
 
     # --- one epoch ------------------------------------------------------------------------------
@@ -140,11 +166,17 @@ class Trainer:
                         for key, value in stats.items():
                             totals[key] = totals.get(key, 0.0) + value / local_microbatches
                 self._synchronise_gradients()
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm) / updates
+                for group in self.groups:
+                    norm = self._clip(group)
+                    key = "grad_norm" if group is self.groups[0] else f"grad_norm_{group.spec.name}"
+                    totals[key] = totals.get(key, 0.0) + norm / updates
+                if self.config.ema_timing == "before_step":
+                    self._update_ema(accumulation)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self._update_ema(accumulation)
+                if self.config.ema_timing == "after_step":
+                    self._update_ema(accumulation)
+                self.optimizer_steps += 1
         self.epoch += 1
         stats = [arm.batch_stats(b) for arm, b in zip(self.shards, batches, strict=True)]
         row = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} | totals
@@ -152,6 +184,14 @@ class Trainer:
         if "reward_sq_mean" in row:
             row["reward_std"] = max(row.pop("reward_sq_mean") - row["reward_mean"] ** 2, 0.0) ** 0.5
         return {**row, "microbatches": len(plans[0]) * len(self.shards) * self.processes}
+
+    @staticmethod
+    def _clip(group: _Group) -> float:
+        """The group's gradient norm before clipping (clipped to its own max_grad_norm if positive)."""
+        if group.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(group.params, group.max_grad_norm))
+        grads = [p.grad.detach().norm() for p in group.params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
 
     def _synchronise_gradients(self) -> None:
         """Sum the processes' gradients (each already divided by the global microbatch count)."""
@@ -162,19 +202,24 @@ class Trainer:
             p.grad = self.accelerator.reduce(grad, "sum")
 
     def _update_ema(self, accumulation: int) -> None:
+        """The published rule: at optimizer step m (1-based) with m % ema_every == 0, ema <- ema +
+        (1 - d)(param - ema), d = min((1 + n)/(10 + n), max), n = m - 1 steps taken before it."""
         n = self.optimizer_steps
-        self.optimizer_steps += 1
         if (n + 1) % self.config.ema_every:
             return
         decay = min((1 + n) / (10 + n), self.config.ema_max_decay)
         with torch.no_grad():
             for _ in range(accumulation if self.config.ema_burst else 1):
-                for e, p in zip(self.ema, self.params, strict=True):
-                    e.lerp_(p.detach(), 1 - decay)
+                for group in self.groups:
+                    for e, p in zip(group.ema or [], group.params, strict=False):
+                        e.lerp_(p.detach(), 1 - decay)
 
     def evaluate(self) -> dict[str, float]:
-        """The main process evaluates the EMA weights (identical on every process)."""
-        with self.budget.timer("eval"), swapped_in(self.params, self.ema), torch.no_grad():
+        """The main process evaluates the EMA weights (identical on every process), or the trained
+        weights of groups that keep no EMA."""
+        params = [p for g in self.groups if g.ema is not None for p in g.params]
+        emas = [e for g in self.groups if g.ema is not None for e in g.ema]
+        with self.budget.timer("eval"), swapped_in(params, emas), torch.no_grad():
             return {f"eval_{k}": v for k, v in self.shards[0].evaluate().items()}
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -183,8 +228,11 @@ class Trainer:
         return Path(run_dir) / f"checkpoint-rank{self.rank}.safetensors"
 
     def save(self, path: Path) -> None:
-        tensors = {f"param.{i}": p for i, p in enumerate(self.params)}
-        tensors |= {f"ema.{i}": e for i, e in enumerate(self.ema)}
+        tensors: dict[str, Tensor] = {}
+        for group in self.groups:
+            name = group.spec.name
+            tensors |= {f"param.{name}.{i}": p for i, p in enumerate(group.params)}
+            tensors |= {f"ema.{name}.{i}": e for i, e in enumerate(group.ema or [])}
         optimizer = self.optimizer.state_dict()
         for i, state in optimizer["state"].items():
             tensors |= {f"adam.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
@@ -193,6 +241,7 @@ class Trainer:
         bookkeeping = {
             "epoch": self.epoch,
             "optimizer_steps": self.optimizer_steps,
+            "groups": {g.spec.name: {"params": len(g.params), "ema": g.ema is not None} for g in self.groups},
             "adam_groups": optimizer["param_groups"],
             "adam_keys": {str(i): sorted(state) for i, state in optimizer["state"].items()},
             "budget": self.budget.state(),
@@ -208,10 +257,19 @@ class Trainer:
                 f"{path} holds {len(bookkeeping['shards'])} shards but this process runs {len(self.shards)}; "
                 "resume with the same number of processes and shards"
             )
+        expected = {g.spec.name: {"params": len(g.params), "ema": g.ema is not None} for g in self.groups}
+        if bookkeeping.get("groups") != expected:
+            raise RuntimeError(
+                f"{path} holds the parameter groups {bookkeeping.get('groups')} but this run trains "
+                f"{expected}; resume with the same method and config"
+            )
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                p.copy_(tensors[f"param.{i}"])
-                self.ema[i].copy_(tensors[f"ema.{i}"])
+            for group in self.groups:
+                name = group.spec.name
+                for i, p in enumerate(group.params):
+                    p.copy_(tensors[f"param.{name}.{i}"])
+                for i, e in enumerate(group.ema or []):
+                    e.copy_(tensors[f"ema.{name}.{i}"])
         state = {
             int(i): {k: tensors[f"adam.{i}.{k}"] for k in keys}
             for i, keys in bookkeeping["adam_keys"].items()
@@ -230,7 +288,7 @@ class Trainer:
         """Compute over all processes (NFE and reward calls add up; wall-clock is the main process's)."""
         row = self.budget.row()
         if self.processes > 1:
-            counts = torch.tensor([row["nfe"], row["reward_calls"]], dtype=torch.float64)
+            counts = torch.tensor([row["nfe"], row["reward_calls"]], dtype=torch.float64, device=self.device)
             row["nfe"], row["reward_calls"] = (
                 int(v) for v in self.accelerator.reduce(counts, "sum").tolist()
             )
@@ -273,4 +331,9 @@ class Trainer:
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.3f}", refresh=False)
         bar.close()
         if record is not None:
-            record.save_tensors("ema.safetensors", {f"ema.{i}": e for i, e in enumerate(self.ema)})
+            final = {
+                f"{g.spec.name}.{i}": v
+                for g in self.groups
+                for i, v in enumerate(g.ema if g.ema is not None else g.params)
+            }
+            record.save_tensors("weights.safetensors", final)  # what evaluation used: EMA where kept

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,23 @@ def float64():
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def subprocess_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """Environment for running our commands in a child process: one thread, no wandb, the repo importable."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    return child_env()
+
+
+@pytest.fixture(scope="session")
+def smoke_figures(tmp_path_factory) -> Path:
+    """Every figure's smoke run, once per session, in one thread (`make smoke-reference`'s runs):
+    work/runs/<sweep>/<run>/, work/figures/smoke/<figure>.*, and work/measured.json (their numbers)."""
+    work = tmp_path_factory.mktemp("smoke_figures")
+    command = [sys.executable, "-m", "experiments.smoke_reference", "--out", str(work / "measured.json")]
+    subprocess.run(
+        [*command, "--work", str(work)], cwd=REPO_ROOT, env=child_env(), check=True, capture_output=True
+    )
+    return work

@@ -32,7 +32,7 @@ SETTINGS = [
 
 def params(path: Path) -> list[torch.Tensor]:
     tensors = load_tensors(path)
-    return [tensors[f"param.{i}"] for i in range(sum(k.startswith("param.") for k in tensors))]
+    return [tensors[f"param.policy.{i}"] for i in range(sum(k.startswith("param.policy.") for k in tensors))]
 
 
 @pytest.mark.slow

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from experiments import bench, fig3, fig_zo_flow
-from experiments.zo_flow import run_zo_flow
-from experiments.zo_sweep import SweepConfig, arm_config
+from experiments.run import run
+from experiments.sweep import SweepConfig, arm_config
 from rsm_core.config import ConfigError, load_config
 from rsm_core.records import AssetError, RunExistsError
 
@@ -29,17 +30,17 @@ def smoke(main, tmp_path: Path, *extra: str) -> None:
     )
 
 
-def test_fig3_smoke_writes_the_figure_and_long_csv(tmp_path: Path) -> None:
-    smoke(fig3.main, tmp_path, "--set", "arms=[TempFlow-GRPO,Equal Variance Reallocation]")
-    data = pd.read_csv(tmp_path / "fig" / "smoke" / "fig3.csv")
+def test_fig3_smoke_writes_the_figure_and_long_csv(smoke_figures: Path, tmp_path: Path) -> None:
+    data = pd.read_csv(smoke_figures / "figures" / "smoke" / "fig3.csv")
     assert {"arm", "seed", "epoch", "wallclock_h", "nfe", "kl", "reward"} <= set(data.columns)
-    assert set(data["arm"]) == {"TempFlow-GRPO", "Equal Variance Reallocation"}
+    assert set(data["arm"]) == set(fig3.ARMS)
     assert sorted(data["epoch"].unique()) == [0, 1, 2]
-    assert (tmp_path / "fig" / "smoke" / "fig3.png").stat().st_size > 0
+    assert (smoke_figures / "figures" / "smoke" / "fig3.png").stat().st_size > 0
     last = data[data["epoch"] == 2].set_index("arm")
     # matched rows per parent (sum k = 54) but not matched NFE: highsnr2's children start later
     assert last.loc["Equal Variance Reallocation", "nfe"] < last.loc["TempFlow-GRPO", "nfe"]
     # rerunning reuses the finished runs instead of overwriting them
+    shutil.copytree(smoke_figures / "runs" / "fig3-smoke", tmp_path / "runs" / "fig3-smoke")
     smoke(fig3.main, tmp_path, "--set", "arms=[TempFlow-GRPO]")
     # ... but never a finished run of another tiny world (or config): that would mix results
     inputs = tmp_path / "runs" / "fig3-smoke" / "tempflow-grpo-seed0" / "inputs.json"
@@ -51,12 +52,12 @@ def test_fig3_smoke_writes_the_figure_and_long_csv(tmp_path: Path) -> None:
     cfg = load_config(SweepConfig, Path(fig3.__file__).parent / "configs" / "fig3" / "smoke.yaml")
     other = arm_config(cfg, [*fig3.ARMS["TempFlow-GRPO"], "arm.cfg=3.0"], seed=0)
     with pytest.raises(RunExistsError, match="already complete"):
-        run_zo_flow(other, tmp_path / "runs" / "fig3-smoke", "tempflow-grpo-seed0", progress=False)
+        run(other, tmp_path / "runs" / "fig3-smoke", "tempflow-grpo-seed0", progress=False)
 
 
-def test_fig_zo_flow_smoke_logs_strict_geneval(tmp_path: Path) -> None:
-    smoke(fig_zo_flow.main, tmp_path, "--set", "arms=[lowsnr2 + matching + fair clip2]")
-    data = pd.read_csv(tmp_path / "fig" / "smoke" / "fig_zo_flow.csv")
+def test_fig_zo_flow_smoke_logs_strict_geneval(smoke_figures: Path) -> None:
+    data = pd.read_csv(smoke_figures / "figures" / "smoke" / "fig_zo_flow.csv")
+    assert set(data["arm"]) == set(fig_zo_flow.ARMS)
     assert data["strict"].notna().all() and data["reward"].between(0, 1).all()
 
 

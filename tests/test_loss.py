@@ -113,9 +113,14 @@ def test_fair_clip_without_clipping_scales_the_gradient_by_gamma() -> None:
     adv = torch.tensor([0.7, -1.2, 0.3], dtype=torch.float64)
     nu2 = torch.tensor([0.49, 0.2, 0.05], dtype=torch.float64)
     gamma = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    clip_scale, weight = loss.fair_clip_scales(nu2.sqrt(), gamma)
     for form, plain in (("ratio", loss.clipped_ratio), ("matching", loss.matching)):
         fair = log_ratio_grad(
-            lambda lr, a, f=form: loss.fair_clip(lr, a, 1.0, nu2, gamma, form=f), log_ratio, adv
+            lambda lr, a, f=form: loss.scaled_surrogate(
+                lr, a, 1.0, form=f, clip_scale=clip_scale, weight=weight
+            ),
+            log_ratio,
+            adv,
         )
         unweighted = log_ratio_grad(lambda lr, a, p=plain: p(nu2 * lr, a, 1.0), log_ratio, adv)
         torch.testing.assert_close(fair, gamma / nu2 * unweighted)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from baselines import grpo, registry, residual_nabla_db, tempflow_grpo, vgg_flow
-from baselines.method import Method
+from baselines import grpo, registry, residual_nabla_db, vgg_flow
+from baselines.method import Family, Method
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, rsm_loss
 from rsm_core.transitions import Transitions
@@ -133,7 +133,8 @@ def clipped(method: Method) -> bool:
     return hasattr(method.config, "clip_range")
 
 
-REDUCED = registry.reduced()
+# one case per distinct loss and config (several redesigns share a loss and differ in their profile)
+REDUCED = tuple({(m.loss, m.coefficients, m.config): m for m in registry.reduced()}.values())
 IDS = [m.name for m in REDUCED]
 
 
@@ -202,7 +203,10 @@ def test_every_method_declares_a_table_row_and_the_unreduced_say_why() -> None:
     names = [m.name for m in registry.METHODS]
     assert len(names) == len(set(names))
     for method in registry.METHODS:
-        assert all(vars(method.table).values()), method.name
+        if method.family is Family.BASELINE:
+            assert all(vars(method.table).values()), method.name
+        else:  # a redesign is not a row of Table 1, but its reduction is checked like a baseline's
+            assert method.table is None and method.reduced, method.name
         if not method.reduced:
             assert method.note.startswith("not reduced:"), method.name
         else:
@@ -341,7 +345,5 @@ def test_every_tempflow_reweight_reduces(objective: str, reweight: str, nets) ->
 
 def test_fair_clip2_has_no_ratio_form() -> None:
     base = registry.get("tempflow-grpo")
-    config = replace(base.config, reweight="fair_clip2")
-    rows, _ = make_rows(base, TinyNet(0).double(), TinyNet(1).double())
     with pytest.raises(ValueError, match="only for objective 'matching'"):
-        tempflow_grpo.loss(rows.f_old, rows, config)
+        replace(base.config, reweight="fair_clip2")

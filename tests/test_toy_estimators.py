@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from experiments.toy_study import StudySettings, ToyStudy, point_rmse
 from rsm_core import estimators as est
 from rsm_core.kernels import ddim
 from rsm_core.rollout import Chain, rollout
@@ -17,7 +18,6 @@ from rsm_core.toy.mixture import (
     soft_ground_truth,
     toy_alphas_cumprod,
 )
-from rsm_core.toy.study import StudySettings, ToyStudy, point_rmse
 
 ABAR = toy_alphas_cumprod()
 REFERENCE = UnitMixture.reference()

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from experiments import tiny_assets, tiny_check
+from experiments.tiny_world import load_world
 from reward_models.shapes_aesthetic import AestheticNet, degrade
 from reward_models.shapes_clip import TinyCLIP, contrastive_loss
-from rsm_core.backbones.base import Backbone, FlowSpec
+from rsm_core.backbones.base import BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError
 from rsm_core.world import prompts
-from rsm_core.world.assets import load_world
 from rsm_core.world.dataset import SceneSampler
 from rsm_core.world.diagnostics import branch_reward_variance
 from rsm_core.world.pretrain import update_ema
@@ -95,7 +95,10 @@ def test_assets_round_trip_and_refuse_altered_files(smoke_world, tmp_path) -> No
     test = prompts.read_jsonl(smoke_world / manifest["prompts"]["test"]["file"])
     assert train and test and not {m["prompt"] for m in train} & {m["prompt"] for m in test}
     world = load_world(smoke_world)
-    assert world.flow.text_encoder is world.clip.text  # the CLIP text tower conditions the backbones
+    text, clip_text = world.flow.text_encoder.state_dict(), world.nets.clip.text.state_dict()
+    assert text.keys() == clip_text.keys()  # the CLIP text tower conditions the backbones
+    assert all(torch.equal(text[k], clip_text[k]) for k in text)
+    assert world.flow.text_encoder is world.diffusion.text_encoder
     altered = tmp_path / "world"
     altered.mkdir()
     for path in smoke_world.glob("*.*"):
@@ -147,7 +150,7 @@ def test_snr_split_compares_where_the_rewards_are_decided() -> None:
     assert flat["mean_step"]["shapes_geneval"] is None and not flat["split_holds"]
 
 
-class _StillBackbone(Backbone):
+class _StillBackbone(BackboneBase):
     """A velocity model that always predicts 0: the ODE leaves states where they are, so the only
     randomness in a branch is the one SDE step."""
 
@@ -178,5 +181,5 @@ def test_branch_variance_is_the_sde_step_variance_for_a_still_model() -> None:
         cfg=1.0,
         generator=torch.Generator().manual_seed(0),
     )["sum"]
-    nu = torch.stack([k.nu for k in backbone.flow.sde_kernels(steps)]).float()
+    nu = backbone.flow.sde_grid(steps).kernel.nu.float()
     torch.testing.assert_close(variances, 4 * nu**2, rtol=0.1, atol=0)

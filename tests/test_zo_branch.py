@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsm_core import profiles
+from rsm_core import estimators, profiles
 from rsm_core.backbones.text import TinyTextEncoder
 from rsm_core.backbones.tiny import TinyFlow
 from rsm_core.rollout import branching_rollout
 from rsm_core.world import prompts
-from rsm_core.zo_branch import group_advantages
 
 # NFE per parent of the published sampler (which recomputes the trunk output per child), spec §6
 SPEC_NFE = {"base": 333, "base2": 366, "highsnr": 278, "highsnr2": 324, "lowsnr": 388, "lowsnr2": 257}
@@ -21,7 +20,7 @@ SPEC_ROWS = {"base": 54, "base2": 54, "highsnr": 54, "highsnr2": 54, "lowsnr": 5
 def test_published_profiles_match_the_spec_table(name: str) -> None:
     profile = profiles.named(name)
     assert profile.total == SPEC_ROWS[name]
-    assert profile.nfe_per_parent(10, repeat_parent_forward=True) == SPEC_NFE[name]
+    assert profile.published_nfe_per_parent(10) == SPEC_NFE[name]
     assert profile.nfe_per_parent(10) == SPEC_NFE[name] - profile.total  # one trunk call saved per child
     weights = [profile.branch_weight(i) * k for i, k in enumerate(profile.k) if k]
     assert weights == pytest.approx([profile.k_avg] * len(profile.active))  # equal loss mass per step
@@ -45,7 +44,7 @@ def test_equal_variance_allocation() -> None:
 def test_group_advantages_are_normalised_within_groups() -> None:
     reward = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 0.0, 4.0])
     group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    adv = group_advantages(reward, group, 1e-4)
+    adv = estimators.advantages(reward, group, center="mean", scale="std", eps=1e-4)
     first = (reward[:3] - 2.0) / (reward[:3].std(unbiased=False) + 1e-4)
     assert torch.allclose(adv[:3], first)
     assert torch.equal(adv[3:5], torch.zeros(2))  # equal rewards: zero advantage (masked later)
@@ -60,7 +59,7 @@ def flow() -> TinyFlow:
 
 def test_branching_rollout_shares_the_trunk_and_counts_every_call(flow: TinyFlow) -> None:
     profile = profiles.named("highsnr2")
-    ode, sde = flow.flow.ode_kernels(10), flow.flow.sde_kernels(10)
+    ode, sde = flow.flow.ode_grid(10), flow.flow.sde_grid(10)
     times = flow.grid_times(10)
     cond = flow.encode(["a red circle", "two squares"])
     calls = []
@@ -93,14 +92,14 @@ def test_branching_rollout_shares_the_trunk_and_counts_every_call(flow: TinyFlow
 def test_auto_equal_variance_reallocates_from_measured_spread(tmp_path) -> None:
     """The auto profile starts from base, then sets k_i from the measured per-step reward spread,
     keeping sum k = 54 and every step on."""
-    from experiments.zo_flow import run_zo_flow
-    from experiments.zo_sweep import SweepConfig, arm_config
+    from experiments.run import run as train
+    from experiments.sweep import SweepConfig, arm_config
     from rsm_core.config import load_config
     from rsm_core.records import read_metrics
 
     smoke = load_config(SweepConfig, "experiments/configs/fig3/smoke.yaml")
-    config = arm_config(smoke, ["arm.profile=auto-equal-variance", "arm.loss.reweight=fair_clip"], seed=0)
-    run = run_zo_flow(config, tmp_path, "auto", progress=False)
+    overrides = ["method=uniform-reallocation", "arm.profile=auto-equal-variance"]
+    run = train(arm_config(smoke, overrides, seed=0), tmp_path, "auto", progress=False)
     rows = read_metrics(run)
     profiles_used = [tuple(int(row[f"k_{i}"]) for i in range(9)) for row in rows[1:]]
     assert profiles_used[0] == profiles.named("base").k  # epoch 1 collects with the starting profile

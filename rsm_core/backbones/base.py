@@ -1,13 +1,15 @@
-"""One backbone interface for the tiny world and for SD3.5-M / SD1.5 (DESIGN.md "Interfaces").
+"""The shared implementation of ``rsm_core.interfaces.Backbone`` (tiny world, SD3.5-M, SD1.5).
 
 A backbone turns prompts into conditioning (cached), predicts its native output (eps or velocity)
-with or without classifier-free guidance, with or without its LoRA adapter (adapter off = the frozen
-reference), decodes latents to images in [0, 1], and tells rsm_core which flow it lives on.
+with or without classifier-free guidance, through one of its named LoRA adapters (the policy, or a
+second network such as a value head) or with every adapter off (the frozen reference), decodes
+latents to images in [0, 1], and tells rsm_core which flow it lives on and which grids it samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,10 +17,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rsm_core import flows, kernels
+from rsm_core import flows, grids
 from rsm_core.backbones.text import Cond
 from rsm_core.flows import TimePoint
-from rsm_core.kernels import Kernel
+from rsm_core.grids import Grid
 
 FlowKind = Literal["rf-v", "vp-eps"]
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets (SD1.5, SD3.5, tiny)
@@ -56,22 +58,17 @@ class FlowSpec:
         abar = self.alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise
 
-    def ode_kernels(self, steps: int) -> list[Kernel]:
-        """The deterministic sampler's steps on this flow's grid (Euler for rf-v, DDIM eta = 0 for vp)."""
-        grid = self.grid(steps)
+    def ode_grid(self, steps: int) -> Grid:
+        """The deterministic sampler: Euler (rf-v) or DDIM eta = 0 (vp) on this flow's grid."""
         if self.kind == "rf-v":
-            return [kernels.flow_ode(grid[i], grid[i + 1]) for i in range(steps)]
-        abar, abar_prev = flows.ddim_alpha_pairs(self.alphas_cumprod.double(), grid)
-        return [kernels.ddim(abar[i], abar_prev[i], eta=0.0) for i in range(steps)]
+            return grids.flow_ode(self.grid(steps))
+        return grids.vp_ddim(self.alphas_cumprod, self.grid(steps), eta=0.0)
 
-    def sde_kernels(self, steps: int, noise_level: float = 0.7) -> list[Kernel]:
-        """The stochastic sampler's steps: Flow-GRPO's SDE (rf-v) or DDPM, i.e. DDIM eta = 1 (vp)."""
-        grid = self.grid(steps)
+    def sde_grid(self, steps: int, noise_level: float = 0.7) -> Grid:
+        """The stochastic sampler: Flow-GRPO's SDE (rf-v) or DDPM, i.e. DDIM eta = 1 (vp)."""
         if self.kind == "rf-v":
-            t_max = float(grid[1])
-            return [kernels.flow_grpo_sde(grid[i], grid[i + 1], t_max, noise_level) for i in range(steps)]
-        abar, abar_prev = flows.ddim_alpha_pairs(self.alphas_cumprod.double(), grid)
-        return [kernels.ddim(abar[i], abar_prev[i], eta=1.0) for i in range(steps)]
+            return grids.flow_grpo_sde(self.grid(steps), noise_level)
+        return grids.vp_ddim(self.alphas_cumprod, self.grid(steps), eta=1.0)
 
     def grid(self, steps: int) -> Tensor:
         """The sampling grid: shifted sigmas 1 -> 0 (steps + 1 points) or DDIM timesteps 981 ... 1."""
@@ -80,9 +77,13 @@ class FlowSpec:
         return flows.ddim_timesteps(steps, self.num_train_timesteps)
 
 
-class Backbone:
-    """Shared machinery; a concrete backbone sets ``model``, ``flow`` and ``latent_shape`` (and
-    ``lora_targets`` if not the attention projections) and implements _encode, _forward, decode."""
+POLICY = "policy"  # the LoRA adapter a method trains; more adapters (a value network) get other names
+
+
+class BackboneBase:
+    """Shared machinery of ``rsm_core.interfaces.Backbone``; a concrete backbone sets ``model``,
+    ``flow`` and ``latent_shape`` (and ``lora_targets`` if not the attention projections) and
+    implements _encode, _forward, decode."""
 
     model: nn.Module
     flow: FlowSpec
@@ -90,6 +91,7 @@ class Backbone:
 
     def __init__(self) -> None:
         self._cache: dict[str, Cond] = {}
+        self._current_adapter: str | None = None  # the adapter ``native`` runs by default
 
     # --- conditioning ---------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str]) -> Cond:
@@ -116,16 +118,17 @@ class Backbone:
         cond: Cond,
         *,
         cfg: float | None = None,
-        adapter: bool = True,
+        adapter: str | None = POLICY,
         detach_uncond: bool = False,
     ) -> Tensor:
-        """eps or v at (x, t); cfg = guidance scale (None: conditional only); adapter=False: reference.
+        """eps or v at (x, t); cfg = guidance scale (None: conditional only); ``adapter`` names the
+        LoRA adapter to run (None: every adapter off, i.e. the frozen reference).
 
         detach_uncond stops the gradient through the unconditional branch (VGG-Flow's training CFG).
         """
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         timestep = self.flow.model_timestep(t)
-        with self.adapters(adapter):
+        with self.adapter(adapter):
             if cfg is None:
                 return self._forward(x, timestep, cond)
             uncond = self.encode([""] * x.shape[0])
@@ -135,33 +138,73 @@ class Backbone:
                 f_uncond = f_uncond.detach()
             return f_uncond + cfg * (f_cond - f_uncond)
 
-    # --- LoRA -----------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, init: str | bool = "gaussian") -> None:
+    # --- LoRA adapters --------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, init: str | bool = "gaussian", name: str = POLICY) -> None:
+        """A new trainable LoRA adapter on ``lora_targets``; the base weights are frozen, every adapter
+        stays trainable, and the policy adapter stays the one ``native`` runs by default."""
         from peft import LoraConfig
 
+        if name in self.adapter_names:
+            raise ValueError(f"the backbone already has a LoRA adapter named {name!r}")
         config = LoraConfig(
             r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(self.lora_targets)
         )
-        self.model.add_adapter(config)
+        with self._keeping_trainable(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter
+            self.model.add_adapter(config, adapter_name=name)
+        for parameter_name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in parameter_name)
+        self._switch(POLICY if POLICY in self.adapter_names else name)
 
     @property
-    def has_adapter(self) -> bool:
-        return bool(getattr(self.model, "_hf_peft_config_loaded", False))
+    def adapter_names(self) -> list[str]:
+        model = getattr(self, "model", None)
+        if not getattr(model, "_hf_peft_config_loaded", False):
+            return []
+        return list(self.model.peft_config)
+
+    def adapter_parameters(self, name: str = POLICY) -> list[nn.Parameter]:
+        """The LoRA weights of one adapter, in a fixed order (checkpoints index them)."""
+        if name not in self.adapter_names:
+            raise KeyError(f"no LoRA adapter named {name!r}; the backbone has {self.adapter_names or 'none'}")
+        marker = f".{name}."
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and marker in n]
 
     @contextmanager
-    def adapters(self, enabled: bool) -> Iterator[None]:
-        """Run with the LoRA adapter on (policy) or off (the frozen reference)."""
-        if enabled or not self.has_adapter:
-            yield
-            return
-        self.model.disable_adapters()
+    def _keeping_trainable(self) -> Iterator[None]:
+        """peft freezes every adapter but the active one when it switches; every adapter the harness
+        added stays trainable (an arm may train two at once), so the flags are restored."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             yield
         finally:
-            self.model.enable_adapters()
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def _switch(self, name: str | None) -> None:
+        with self._keeping_trainable():
+            if name is None:
+                self.model.disable_adapters()
+            else:
+                self.model.set_adapter(name)
+                self.model.enable_adapters()
+        self._current_adapter = name
+
+    @contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """Run with one LoRA adapter on (``name``) or all off (None: the frozen reference)."""
+        known = self.adapter_names
+        if name is not None and name not in known and not (name == POLICY and not known):
+            raise KeyError(f"no LoRA adapter named {name!r}; the backbone has {known or 'none'}")
+        if not known or name == self._current_adapter:  # without LoRA the base model is the policy
+            yield
+            return
+        previous = self._current_adapter
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(previous)
 
     # --- images ---------------------------------------------------------------------------------
     def decode(self, latents: Tensor) -> Tensor:
@@ -169,16 +212,35 @@ class Backbone:
 
     latent_shape: tuple[int, ...]
 
+    # --- deterministic sampling -----------------------------------------------------------------
     @torch.no_grad()
     def sample_ode(
-        self, prompts: Sequence[str], steps: int, cfg: float | None, generator: torch.Generator
+        self,
+        prompts: Sequence[str],
+        steps: int,
+        cfg: float | None,
+        generator: torch.Generator | None = None,
+        *,
+        start: Tensor | None = None,
+        observe: Callable[[int, Tensor, Tensor], None] | None = None,
+        until: int | None = None,
     ) -> Tensor:
-        """Deterministic samples (latents) from the flow's ODE sampler, starting at N(0, I) noise."""
-        x = torch.randn(len(prompts), *self.latent_shape, generator=generator)
-        cond = self.encode(prompts)
-        grid = self.grid_times(steps)
-        for i, kernel in enumerate(self.flow.ode_kernels(steps)):
-            x = kernel.mean(x.double(), self.native(x, grid[i], cond, cfg=cfg).double()).float()
+        """Latents from the flow's ODE sampler, from ``start`` or from N(0, I) noise of ``generator``.
+
+        ``observe(i, x_i, f_i)`` sees each state and the policy's output before step i is taken (the
+        evaluation's KL along the path); ``until`` stops after that many of the ``steps`` steps.
+        Kernel arithmetic runs in float64, states are float32.
+        """
+        if start is None:
+            start = torch.randn(len(prompts), *self.latent_shape, generator=generator)
+        cond, times, x = self.encode(prompts), self.grid_times(steps), start
+        grid = self.flow.ode_grid(steps)
+        for i in range(steps if until is None else until):
+            kernel = grid[i]
+            f = self.native(x, times[i], cond, cfg=cfg)
+            if observe is not None:
+                observe(i, x, f)
+            x = kernel.mean(x.double(), f.double()).float()
         return x
 
     def grid_times(self, steps: int) -> Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rsm_core.backbones.base import Backbone, FlowSpec
+from rsm_core.backbones.base import BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
 
@@ -156,7 +156,7 @@ class PromptCache:
 # ------------------------------------------------------------------------------------------------
 
 
-class _DiffusersBackbone(Backbone):
+class _DiffusersBackbone(BackboneBase):
     """Device/dtype handling, frozen components and the disk cache shared by SD35 and SD15."""
 
     latent_multiple: int  # the resolution must be a multiple of this (VAE factor x denoiser stride)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rsm_core import flows
-from rsm_core.backbones.base import Backbone, FlowSpec
+from rsm_core.backbones.base import BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond, TinyTextEncoder
 
 
@@ -44,7 +44,7 @@ def pixels_to_images(x: Tensor) -> Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-class _TinyBackbone(Backbone):
+class _TinyBackbone(BackboneBase):
     def __init__(self, text_encoder: TinyTextEncoder) -> None:
         super().__init__()
         self.text_encoder = text_encoder.requires_grad_(False).eval()

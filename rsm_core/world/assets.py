@@ -1,5 +1,9 @@
 """The tiny world's shipped weights: safetensors files plus a manifest (sha256 of each file, the
-command, the git sha, settings, timings and measured quality). Loading checks every hash."""
+command, the git sha, settings, timings and measured quality). Loading checks every hash.
+
+The core loads what it owns — the text encoder (the tiny CLIP's text tower) and the two reference
+backbones; the learned rewards load their own files through ``load_state`` (reward_models.world).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
-from reward_models.shapes_aesthetic import AestheticNet, ShapesAesthetic
-from reward_models.shapes_clip import ShapesCLIP, ShapesHPS, TinyCLIP
+from rsm_core.backbones.text import TinyTextEncoder
 from rsm_core.backbones.tiny import TinyDiffusion, TinyFlow
 from rsm_core.records import AssetError, atomic_write_text, load_tensors, save_tensors_atomic, sha256
 from rsm_core.world import prompts
@@ -23,6 +26,7 @@ FILES = {
     "flow": "tiny_flow.safetensors",
     "diffusion": "tiny_diffusion.safetensors",
 }
+TEXT_TOWER = "text."  # the prefix of the text encoder's weights inside the CLIP file
 
 
 @dataclass(frozen=True)
@@ -37,40 +41,62 @@ SAMPLING = {"flow": Sampling(steps=20, cfg=4.5), "diffusion": Sampling(steps=20,
 
 
 @dataclass
-class World:
-    """Everything pretrained: the CLIP model (whose text tower conditions both backbones), the rewards
-    and the two reference backbones."""
+class Backbones:
+    """The two reference backbones, conditioned on the frozen text encoder they share."""
 
-    clip: TinyCLIP
-    aesthetic_net: AestheticNet
+    text: TinyTextEncoder
     flow: TinyFlow
     diffusion: TinyDiffusion
 
-    @property
-    def rewards(self) -> dict[str, object]:
-        clip, aesthetic = ShapesCLIP(self.clip), ShapesAesthetic(self.aesthetic_net)
-        return {"shapes_clip": clip, "shapes_aesthetic": aesthetic, "shapes_hps": ShapesHPS(clip, aesthetic)}
+
+def build_backbones(text: TinyTextEncoder | None = None) -> Backbones:
+    """Freshly initialised backbones of the shipped architectures on ``text`` (default: a fresh one)."""
+    text = text or TinyTextEncoder(prompts.vocabulary())
+    return Backbones(text, TinyFlow(text), TinyDiffusion(text))
 
 
-def build_world() -> World:
-    """Freshly initialised models of the shipped architectures."""
-    clip = TinyCLIP(prompts.vocabulary())
-    return World(clip, AestheticNet(), TinyFlow(clip.text), TinyDiffusion(clip.text))
+def _fix(directory: Path) -> str:
+    where = "" if directory == ASSET_DIR else f" in {directory}"
+    return (
+        f"run `make tiny-assets` to retrain them{where} (about an hour on 2 cores), or restore them with git"
+    )
 
 
-def _modules(world: World) -> dict[str, nn.Module]:
-    return {
-        "clip": world.clip,
-        "aesthetic": world.aesthetic_net,
-        "flow": world.flow.model,
-        "diffusion": world.diffusion.model,
-    }
+def load_state(name: str, directory: Path = ASSET_DIR) -> dict[str, Tensor]:
+    """The state dict of one shipped file (``FILES``), after checking its sha256 against the manifest."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.exists():
+        raise AssetError(
+            f"the tiny world's weights are missing ({manifest_path} not found); {_fix(directory)}"
+        )
+    entry = json.loads(manifest_path.read_text())["files"][name]
+    path = Path(directory) / entry["file"]
+    if not path.exists() or sha256(path) != entry["sha256"]:
+        raise AssetError(f"{path} is missing or its sha256 differs from {manifest_path}; {_fix(directory)}")
+    return load_tensors(path)
 
 
-def save_world(world: World, directory: Path, provenance: dict) -> Path:
+def load_backbones(directory: Path = ASSET_DIR) -> Backbones:
+    """The shipped text encoder and reference backbones, frozen."""
+    clip = load_state("clip", directory)
+    backbones = build_backbones()
+    backbones.text.load_state_dict(
+        {key[len(TEXT_TOWER) :]: value for key, value in clip.items() if key.startswith(TEXT_TOWER)}
+    )
+    backbones.flow.model.load_state_dict(load_state("flow", directory))
+    backbones.diffusion.model.load_state_dict(load_state("diffusion", directory))
+    for module in (backbones.text, backbones.flow.model, backbones.diffusion.model):
+        module.requires_grad_(False).eval()
+    return backbones
+
+
+def save_assets(modules: dict[str, nn.Module], directory: Path, provenance: dict) -> Path:
+    """Write each module of ``FILES`` and the prompt splits, then the manifest that names their hashes."""
+    if set(modules) != set(FILES):
+        raise ValueError(f"the tiny world ships exactly {sorted(FILES)}, got {sorted(modules)}")
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, module in _modules(world).items():
+    for name, module in modules.items():
         path = directory / FILES[name]
         save_tensors_atomic(path, {k: v.contiguous() for k, v in module.state_dict().items()})
         files[name] = {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size}
@@ -90,25 +116,8 @@ def write_prompt_splits(directory: Path) -> dict[str, dict]:
     return entries
 
 
-def load_world(directory: Path = ASSET_DIR) -> World:
-    manifest_path = directory / MANIFEST
-    fix = "run `make tiny-assets` to retrain them (about an hour on 2 cores), or restore them with git"
-    if not manifest_path.exists():
-        raise AssetError(f"the tiny world's weights are missing ({manifest_path} not found); {fix}")
-    manifest = json.loads(manifest_path.read_text())
-    world = build_world()
-    for name, module in _modules(world).items():
-        entry = manifest["files"][name]
-        path = directory / entry["file"]
-        if not path.exists() or sha256(path) != entry["sha256"]:
-            raise AssetError(f"{path} is missing or its sha256 differs from {manifest_path}; {fix}")
-        module.load_state_dict(load_tensors(path))
-        module.requires_grad_(False).eval()
-    return world
-
-
 def world_fingerprint(directory: Path = ASSET_DIR) -> dict[str, str]:
-    """The sha256 of each shipped weight file, from the manifest (load_world checks the files against
+    """The sha256 of each shipped weight file, from the manifest (loading checks the files against
     it): runs record it so results from a retrained world are never mistaken for the old world's."""
     manifest = json.loads((directory / MANIFEST).read_text())
     return {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}

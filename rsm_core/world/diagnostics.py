@@ -2,55 +2,59 @@
 
 For every step i of a sampler grid: run the deterministic ODE trunk from shared starting noise, branch
 k children off the trunk state x_i with one SDE step, finish each child with the ODE, and measure the
-variance of the terminal reward across the k children (averaged over parents). A reward that is
-decided at low-SNR steps varies most when branching early; one decided by appearance, late
-(the quantity behind the paper's Eq. 19 and its branching profiles).
+variance of the terminal reward across the k children (averaged over parents). That is the branching
+rollout with k children at every step. A reward that is decided at low-SNR steps varies most when
+branching early; one decided by appearance, late (the quantity behind the paper's Eq. 19 and its
+branching profiles).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from rsm_core.backbones.base import Backbone
-
-RewardOnImages = Callable[[Tensor, list[str], list[dict]], Tensor]
+from rsm_core.interfaces import Backbone, Reward
+from rsm_core.rollout import branching_rollout
 
 
 @torch.no_grad()
 def branch_reward_variance(
     backbone: Backbone,
-    rewards: dict[str, RewardOnImages],
+    rewards: dict[str, Reward],
     prompts: Sequence[str],
     metas: Sequence[dict],
     steps: int,
     children: int,
     cfg: float,
     generator: torch.Generator,
+    chunk: int = 256,
 ) -> dict[str, Tensor]:
     """{reward name: (steps,) mean over parents of the variance across the children of each step}."""
-    ode, sde = backbone.flow.ode_kernels(steps), backbone.flow.sde_kernels(steps)
-    times = backbone.grid_times(steps)
-    cond = backbone.encode(list(prompts))
-    trunk, natives = [torch.randn(len(prompts), *backbone.latent_shape, generator=generator)], []
-    for i in range(steps):
-        natives.append(backbone.native(trunk[i], times[i], cond, cfg=cfg))
-        trunk.append(ode[i].mean(trunk[i].double(), natives[i].double()).float())
-    repeated_prompts = [p for p in prompts for _ in range(children)]
-    repeated_metas = [m for m in metas for _ in range(children)]
-    repeated_cond = backbone.encode(repeated_prompts)
-    variances = {name: torch.zeros(steps) for name in rewards}
-    for i in range(steps):
-        x = trunk[i].repeat_interleave(children, 0)
-        f = natives[i].repeat_interleave(children, 0)
-        noise = torch.randn(x.shape, generator=generator)
-        x = sde[i].sample(x.double(), f.double(), noise.double()).float()
-        for j in range(i + 1, steps):
-            x = ode[j].mean(x.double(), backbone.native(x, times[j], repeated_cond, cfg=cfg).double()).float()
-        images = backbone.decode(x)
-        for name, reward in rewards.items():
-            values = reward(images, repeated_prompts, repeated_metas).float().view(len(prompts), children)
-            variances[name][i] = values.var(dim=1).mean()
+    times, cond = backbone.grid_times(steps), backbone.encode(list(prompts))
+
+    def guided(x: Tensor, step: int, parents: Tensor) -> Tensor:
+        return backbone.native(x, times[step], cond[parents], cfg=cfg)
+
+    start = torch.randn(len(prompts), *backbone.latent_shape, generator=generator)
+    out = branching_rollout(
+        guided,
+        backbone.flow.ode_grid(steps),
+        backbone.flow.sde_grid(steps),
+        start,
+        [children] * steps,
+        generator,
+        chunk,
+    )
+    images = backbone.decode(out.final)
+    row_prompts = [prompts[p] for p in out.parent.tolist()]
+    row_metas = [metas[p] for p in out.parent.tolist()]
+    variances = {}
+    for name, reward in rewards.items():
+        values = reward(images, row_prompts, row_metas).float()
+        # a step's rows are parent-major with each parent's children contiguous
+        variances[name] = torch.stack(
+            [values[out.step == i].view(len(prompts), children).var(dim=1).mean() for i in range(steps)]
+        )
     return variances

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rsm_core.backbones.base import Backbone
+from rsm_core.interfaces import Backbone
 from rsm_core.optim import fit
 from rsm_core.world.dataset import SceneSampler
 

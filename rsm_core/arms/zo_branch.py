@@ -1,30 +1,29 @@
-"""Zeroth-order flow matching with branching rollouts: TempFlow-GRPO and its RSM redesigns as one arm.
+"""The branching zeroth-order arm: ODE trunks, one-step SDE children, ODE tails (zo_flow_tempflow §5-10).
 
-Per epoch (zo_flow_tempflow spec §5-10): draw prompts, run the branching rollout for each parent
-(ODE trunk, k_i one-step SDE children per step, ODE to the end), score every child's image, normalise
-rewards within each (parent, step) group, then train on the rows with the published TempFlow
-objective in the configured reweight (tempflow for the baseline, fair clipping for the redesigns).
-The arms of Figure 3 differ only in ``profile`` and ``loss``.
+Per epoch: draw prompts, run the branching rollout for each parent (ODE trunk, k_i one-step SDE
+children per step, ODE to the end), score every child's image, normalise rewards within each
+(parent, step) group, then train on the child rows with the method's per-row objective. Which
+method it is — TempFlow-GRPO as published, a fair-clipping redesign, another reweight — comes only
+from the injected ``Objective`` and the branching profile in the config; nothing here branches on a
+method's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from baselines import tempflow_grpo
-from baselines.tempflow_grpo import TempFlowConfig
-from rsm_core import kernels, profiles
-from rsm_core.backbones.base import Backbone
+from rsm_core import estimators, profiles
+from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
+from rsm_core.config import require
+from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
 from rsm_core.rollout import branching_rollout
 from rsm_core.transitions import Transitions
-
-RewardFn = Callable[[Tensor, list[str], list[dict]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,38 @@ class ZOBranchConfig:
     # GenEval redesign: a KL-to-reference row at each parent's ODE state of every k = 0 step
     ode_anchors: bool = False
     eval_steps: int = 40
+    # images per test prompt: 1 for Pick-a-Pic (Figure 3), 4 for GenEval's test metadata (spec §12)
+    eval_images_per_prompt: int = 1
     eval_seed: int = 1234
     # Deviation (named): the published eval draws fresh noise each time; fixed noise makes the eval
     # curve of every arm and epoch comparable at the small eval sets of the tiny scale.
     eval_fixed_noise: bool = True
-    seed: int = 42
-    loss: TempFlowConfig = field(default_factory=TempFlowConfig)
+
+    def __post_init__(self) -> None:
+        choices = [*profiles.PUBLISHED, profiles.AUTO_EQUAL_VARIANCE]
+        require(
+            self.profile in choices,
+            "profile",
+            f"unknown branching profile {self.profile!r}; choose {choices}",
+        )
+        require(
+            self.auto_from in profiles.PUBLISHED, "auto_from", f"choose one of {list(profiles.PUBLISHED)}"
+        )
+        for name in ("sampler_steps", "prompts_per_epoch", "seeds_per_prompt", "collection_batch"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("microbatch_rows", "chunk", "eval_steps", "eval_images_per_prompt"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.noise_level > 0, "noise_level", "must be positive (the SDE children need noise)")
+        require(self.adv_std_eps > 0, "adv_std_eps", "must be positive")
+        steps = len(
+            profiles.named(self.auto_from if self.profile == profiles.AUTO_EQUAL_VARIANCE else self.profile).k
+        )
+        require(  # the published trainers never train the last step (int(10 x 0.99) = 9 steps)
+            steps <= self.sampler_steps - 1,
+            "sampler_steps",
+            f"the profile trains {steps} steps; a {self.sampler_steps}-step sampler trains at most "
+            f"{self.sampler_steps - 1}",
+        )
 
 
 @dataclass
@@ -58,8 +83,8 @@ class EpochRows:
 
     prompts: list[str]  # per parent
     metas: list[dict]
-    trunk: Tensor  # (P, N, *D)
-    trunk_native: Tensor  # (P, N - 1, *D)
+    trunk: Tensor  # (P, L + 1, *D)
+    trunk_native: Tensor  # (P, L, *D)
     parent: Tensor  # (R,)
     step: Tensor  # (R,)
     noise: Tensor  # (R, *D)
@@ -69,40 +94,51 @@ class EpochRows:
     profile: profiles.Profile  # the profile these rows were collected with
 
 
-def group_advantages(reward: Tensor, group: Tensor, eps: float) -> Tensor:
-    """(r - mean_g) / (std_g + eps) within each group, population std (spec §7)."""
-    _, inverse = torch.unique(group, return_inverse=True)
-    count = torch.zeros(int(inverse.max()) + 1, dtype=reward.dtype).index_add_(
-        0, inverse, torch.ones_like(reward)
-    )
-    mean = torch.zeros_like(count).index_add_(0, inverse, reward) / count
-    var = torch.zeros_like(count).index_add_(0, inverse, (reward - mean[inverse]) ** 2) / count
-    return (reward - mean[inverse]) / (var.sqrt()[inverse] + eps)
+@dataclass(frozen=True)
+class Microbatch:
+    rows: EpochRows
+    index: Tensor  # child rows of this microbatch (padding repeats rows)
+    valid: Tensor  # False on padding rows (masked like zero-advantage rows)
+    anchors: Tensor  # ODE-anchor rows (parent x off-step pairs) assigned to this microbatch
+    off_steps: Tensor  # the profile's k = 0 steps
 
 
 class ZOBranchArm:
+    """One zeroth-order method on one backbone and one data shard (``rank`` of ``world``)."""
+
+    # Transitions fields this arm fills, so a method that needs another one fails at construction
+    PROVIDES = ("kernel", "x", "f_old", "f_ref", "noise", "advantage", "reward", "branch_weight")
+
     def __init__(
         self,
         backbone: Backbone,
-        reward: RewardFn,
+        reward: Reward,
+        objective: Objective,
         train_prompts: Sequence[dict],
         eval_prompts: Sequence[dict],
         config: ZOBranchConfig,
+        *,
+        seed: int,
         rank: int = 0,
         world: int = 1,
-        eval_extra: dict[str, RewardFn] | None = None,
+        eval_extra: dict[str, Reward] | None = None,
     ) -> None:
         """``rank`` of ``world`` data-parallel shards (processes, or shards accumulated in one process);
         ``eval_extra``: more rewards to measure on the evaluation images (e.g. strict GenEval)."""
-        self.backbone, self.reward, self.config = backbone, reward, config
+        missing = [name for name in objective.needs if name not in self.PROVIDES]
+        if missing:
+            raise ValueError(
+                f"{objective.name} needs the row fields {missing}, which the branching arm does not "
+                f"collect (it provides {list(self.PROVIDES)}); train it with another arm kind"
+            )
+        self.backbone, self.reward, self.objective, self.config = backbone, reward, objective, config
         self.eval_extra = dict(eval_extra or {})
-        self.rank, self.world = rank, world
+        self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
-        self.generator = torch.Generator().manual_seed(config.seed + rank)  # set_seed(device_specific)
+        self.generator = torch.Generator().manual_seed(seed + rank)  # set_seed(device_specific)
         self.calls = 0  # sampling calls so far: the prompt sampler's state
-        self.ode = backbone.flow.ode_kernels(config.sampler_steps)
-        self.sde = backbone.flow.sde_kernels(config.sampler_steps, config.noise_level)
-        self.sde_grid = kernels.stack(self.sde)
+        self.ode = backbone.flow.ode_grid(config.sampler_steps)
+        self.sde = backbone.flow.sde_grid(config.sampler_steps, config.noise_level)
         self.times = backbone.grid_times(config.sampler_steps)
         auto = config.profile == profiles.AUTO_EQUAL_VARIANCE
         self.profile = profiles.named(config.auto_from if auto else config.profile)
@@ -117,8 +153,8 @@ class ZOBranchArm:
         if auto and world > 1:
             raise ValueError("the auto-equal-variance profile measures one shard; run it with one shard")
 
-    def parameters(self) -> list[nn.Parameter]:
-        return self.backbone.trainable_parameters()
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
 
     # --- collection -----------------------------------------------------------------------------
     def _draw_prompts(self) -> list[dict]:
@@ -127,7 +163,7 @@ class ZOBranchArm:
         each shard collection_batch of them; seeded by seed + call counter, identical on all shards."""
         slots = self.config.collection_batch * self.world
         distinct = max(slots // self.config.seeds_per_prompt, 1)
-        rng = np.random.default_rng(self.config.seed + self.calls)
+        rng = np.random.default_rng(self.seed + self.calls)
         self.calls += 1
         picks = rng.choice(len(self.train_prompts), size=distinct, replace=False)
         metas = [self.train_prompts[i] for i in picks for _ in range(self.config.seeds_per_prompt)]
@@ -168,6 +204,7 @@ class ZOBranchArm:
         weights = torch.tensor(
             [self.profile.branch_weight(i) if k else 0.0 for i, k in enumerate(self.profile.k)]
         )
+        advantage = estimators.advantages(reward, group, center="mean", scale="std", eps=config.adv_std_eps)
         rows = EpochRows(
             prompts=prompts,
             metas=metas,
@@ -177,7 +214,7 @@ class ZOBranchArm:
             step=step,
             noise=torch.cat([out.noise for out, _ in parts]),
             reward=reward,
-            advantage=group_advantages(reward, group, config.adv_std_eps),
+            advantage=advantage,
             branch_weight=weights[step],
             profile=self.profile,
         )
@@ -186,30 +223,24 @@ class ZOBranchArm:
 
     def _measure_spread(self, rows: EpochRows, group: Tensor) -> None:
         """Per-step mean within-group reward std; re-derives the auto-equal-variance profile."""
+        stats = estimators.group_stats(rows.reward, group)
+        group_step = stats.ids % len(self.times)
         for i, k in enumerate(self.profile.k):
-            if k < 2:
-                continue
-            mask = rows.step == i
-            _, inverse = torch.unique(group[mask], return_inverse=True)
-            values = rows.reward[mask]
-            stds = [values[inverse == g].std(unbiased=False) for g in range(int(inverse.max()) + 1)]
-            self.spread_sum[i] += float(torch.stack(stds).mean())
-            self.spread_count[i] += 1
+            if k >= 2:
+                self.spread_sum[i] += float(stats.std[group_step == i].mean())
+                self.spread_count[i] += 1
         if self.config.profile == profiles.AUTO_EQUAL_VARIANCE:
-            self._reallocate()
-
-    def _reallocate(self) -> None:
-        measured = self.spread_count > 0
-        spread = np.where(measured, self.spread_sum / np.maximum(self.spread_count, 1), 0.0)
-        step_std = self.sde_grid.nu[: len(spread)].numpy()
-        self.profile = profiles.equal_variance(step_std, spread, self.profile.total)
+            measured = self.spread_count > 0
+            spread = np.where(measured, self.spread_sum / np.maximum(self.spread_count, 1), 0.0)
+            step_std = self.sde.kernel.nu[: len(spread)].numpy()
+            self.profile = profiles.equal_variance(step_std, spread, self.profile.total)
 
     # --- training -------------------------------------------------------------------------------
-    def microbatches(self, batch: EpochRows, count_multiple: int) -> list[tuple]:
-        """Shuffle the rows and pad (with zero-advantage, i.e. masked, duplicates) to whole microbatches
-        whose count is a multiple of ``count_multiple`` (the optimizer steps per epoch). With ODE
-        anchors, the epoch's anchor rows (one per parent and k = 0 step) are shuffled and split as
-        evenly as possible across the microbatches (spec §9)."""
+    def microbatches(self, batch: EpochRows, count_multiple: int) -> list[Microbatch]:
+        """Shuffle the rows and pad (with masked duplicates) to whole microbatches whose count is a
+        multiple of ``count_multiple`` (the optimizer steps per epoch). With ODE anchors, the epoch's
+        anchor rows (one per parent and k = 0 step) are shuffled and split as evenly as possible
+        across the microbatches (spec §9)."""
         size = self.config.microbatch_rows
         rows = batch.parent.numel()
         count = -(-rows // size)
@@ -221,15 +252,14 @@ class ZOBranchArm:
         anchors = torch.empty(0, dtype=torch.long)
         off = [i for i, k in enumerate(batch.profile.k) if k == 0]
         if self.config.ode_anchors and off:
-            parents = len(batch.prompts)
-            anchors = torch.arange(parents * len(off))[
-                torch.randperm(parents * len(off), generator=self.generator)
-            ]
-        anchor_parts = torch.tensor_split(anchors, count)
+            pairs = len(batch.prompts) * len(off)
+            anchors = torch.arange(pairs)[torch.randperm(pairs, generator=self.generator)]
         off_steps = torch.tensor(off, dtype=torch.long)
         return [
-            (batch, index[s * size : (s + 1) * size], valid[s * size : (s + 1) * size], part, off_steps)
-            for s, part in enumerate(anchor_parts)
+            Microbatch(
+                batch, index[s * size : (s + 1) * size], valid[s * size : (s + 1) * size], part, off_steps
+            )
+            for s, part in enumerate(torch.tensor_split(anchors, count))
         ]
 
     def _group(self, parent: Tensor, step: Tensor) -> Tensor:
@@ -246,93 +276,86 @@ class ZOBranchArm:
         t = self.times[s_unique]
         f_theta = self.backbone.native(x, t, cond, cfg=self.config.cfg)
         with torch.no_grad():
-            f_ref = self.backbone.native(x, t, cond, cfg=self.config.cfg, adapter=False)
+            f_ref = self.backbone.native(x, t, cond, cfg=self.config.cfg, adapter=None)
         return x[inverse], f_theta[inverse], f_ref[inverse]
 
-    def loss(self, microbatch: tuple) -> tuple[Tensor, dict[str, float]]:
-        batch, index, valid, anchors, off_steps = microbatch
+    def loss(self, microbatch: Microbatch) -> tuple[Tensor, dict[str, float]]:
+        batch, index = microbatch.rows, microbatch.index
         parent, step = batch.parent[index], batch.step[index]
         x, f_theta, f_ref = self._outputs(batch, parent, step)
         rows = Transitions(
-            kernel=self.sde_grid.select(step),
+            kernel=self.sde.kernel.select(step),
             x=x,
             f_old=batch.trunk_native[parent, step],
             f_ref=f_ref,
             noise=batch.noise[index],
-            advantage=batch.advantage[index] * valid,  # padding rows are masked like zero-advantage rows
+            advantage=batch.advantage[index] * microbatch.valid,  # padding is masked like A = 0
             reward=batch.reward[index],
             branch_weight=batch.branch_weight[index],
         )
-        config = self.config.loss
-        per_row = tempflow_grpo.loss(f_theta, rows, config)
-        loss = policy_loss = tempflow_grpo.microbatch_loss(per_row.loss, rows)
+        per_row = self.objective.loss(f_theta, rows)
+        counted = rows.advantage != 0  # the published mask: zero-advantage and padding rows drop out
+        n = counted.sum().clamp(min=1)
+        loss = policy_loss = (per_row.loss * counted).sum() / n
         anchor_kl = torch.zeros(())
-        if anchors.numel():
+        if microbatch.anchors.numel():
+            anchors, off_steps = microbatch.anchors, microbatch.off_steps
             anchor_parent, anchor_step = anchors // len(off_steps), off_steps[anchors % len(off_steps)]
             x_a, f_a, f_ref_a = self._outputs(batch, anchor_parent, anchor_step)
             anchor_rows = Transitions(
-                kernel=self.sde_grid.select(anchor_step), x=x_a, f_old=f_a.detach(), f_ref=f_ref_a
+                kernel=self.sde.kernel.select(anchor_step), x=x_a, f_old=f_a.detach(), f_ref=f_ref_a
             )
-            kl_rows = tempflow_grpo.kl_to_reference(f_a, anchor_rows, config.kl_denominator)
-            anchor_kl = (kl_rows * batch.profile.k_avg).mean()  # anchors are not advantage-masked
-            loss = loss + config.beta * anchor_kl
+            # anchors are not advantage-masked; each carries the weight k_avg (spec §9)
+            anchor_kl = (self.objective.kl(f_a, anchor_rows) * batch.profile.k_avg).mean()
+            loss = loss + self.objective.beta * anchor_kl
         with torch.no_grad():
-            counted = rows.advantage != 0
-            n = counted.sum().clamp(min=1)
-            scale, _ = tempflow_grpo.clip_scale_and_weight(rows, config)
-            log_ratio = scale * tempflow_grpo.mean_log_ratio(f_theta, rows)
-            kl = tempflow_grpo.kl_to_reference(f_theta, rows, config.kl_denominator)
-            stats = {
-                "clipfrac": float(((~per_row.active) & counted).sum() / n),
-                "approx_kl": float((0.5 * log_ratio**2 * counted).sum() / n),
-                "kl_loss": float((kl * rows.branch_weight * counted).sum() / n),
-                "kl_anchor_loss": float(anchor_kl),
-                "policy_loss": float(policy_loss),
-            }
-        return loss, stats
+            diagnostics = self.objective.diagnostics(f_theta, rows, per_row)
+            stats = {name: float((value * counted).sum() / n) for name, value in diagnostics.items()}
+        return loss, stats | {
+            "kl_anchor_loss": float(anchor_kl.detach()),
+            "policy_loss": float(policy_loss.detach()),
+        }
 
     def batch_stats(self, batch: EpochRows) -> dict[str, float]:
-        group = self._group(batch.parent, batch.step)
-        _, inverse = torch.unique(group, return_inverse=True)
-        zero = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, (batch.advantage != 0).float()) == 0
+        stats = estimators.group_stats(batch.reward, self._group(batch.parent, batch.step))
         return {  # means over the shard's rows, so that equal-sized shards can be averaged
             "reward_mean": float(batch.reward.mean()),
             "reward_sq_mean": float((batch.reward**2).mean()),
-            "zero_std_ratio": float(zero.float().mean()),
+            "zero_std_ratio": float(stats.constant.float().mean()),
             **{f"k_{i}": float(k) for i, k in enumerate(batch.profile.k)},  # the profile collected with
         }
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """ODE samples of the fixed eval prompts: mean reward, and the KL of the policy's SDE kernels to
-        the reference's along the 10-step ODE trajectory (exact per-element KL summed over the trained
-        steps: a clean KL, not the published eval_kl_divergence)."""
+        """ODE samples of the fixed eval prompts (``eval_images_per_prompt`` each): mean reward, and
+        the KL of the policy's SDE kernels to the reference's along the sampler's ODE trajectory
+        (exact per-element KL summed over the trained steps: a clean KL, not the published
+        eval_kl_divergence)."""
         config = self.config
-        prompts = [m["prompt"] for m in self.eval_prompts]
+        metas = [m for m in self.eval_prompts for _ in range(config.eval_images_per_prompt)]
+        prompts = [m["prompt"] for m in metas]
         generator = (
             torch.Generator().manual_seed(config.eval_seed) if config.eval_fixed_noise else self.generator
         )
         start = torch.randn(len(prompts), *self.backbone.latent_shape, generator=generator)
-        cond = self.backbone.encode(prompts)
-        x = start
-        eval_ode = self.backbone.flow.ode_kernels(config.eval_steps)
-        eval_times = self.backbone.grid_times(config.eval_steps)
-        for i, kernel in enumerate(eval_ode):
-            x = kernel.mean(
-                x.double(), self.backbone.native(x, eval_times[i], cond, cfg=config.cfg).double()
-            ).float()
-        images = self.backbone.decode(x)
-        reward = self.reward(images, prompts, self.eval_prompts)
+        images = self.backbone.decode(
+            self.backbone.sample_ode(prompts, config.eval_steps, config.cfg, start=start)
+        )
+        reward = self.reward(images, prompts, metas)
         extra = {
-            name: float(fn(images, prompts, self.eval_prompts).float().mean())
-            for name, fn in self.eval_extra.items()
+            name: float(fn(images, prompts, metas).float().mean()) for name, fn in self.eval_extra.items()
         }
-        kl, x = torch.zeros(len(prompts), dtype=torch.float64), start
-        for i in range(len(self.profile.k)):
-            f = self.backbone.native(x, self.times[i], cond, cfg=config.cfg)
-            f_ref = self.backbone.native(x, self.times[i], cond, cfg=config.cfg, adapter=False)
-            kl += self.sde[i].kl(f.double(), f_ref.double(), reduction="mean")
-            x = self.ode[i].mean(x.double(), f.double()).float()
+        kl = torch.zeros(len(prompts), dtype=torch.float64)
+        cond, trained = self.backbone.encode(prompts), len(self.profile.k)
+
+        def add_kl(i: int, x: Tensor, f: Tensor) -> None:
+            nonlocal kl
+            f_ref = self.backbone.native(x, self.times[i], cond, cfg=config.cfg, adapter=None)
+            kl = kl + self.sde[i].kl(f.double(), f_ref.double(), reduction="mean")
+
+        self.backbone.sample_ode(
+            prompts, config.sampler_steps, config.cfg, start=start, observe=add_kl, until=trained
+        )
         return {
             "reward": float(reward.mean()),
             "reward_std": float(reward.std()),

@@ -1,0 +1,362 @@
+"""One training run of any registered method, from a structured config: ``build_arm(config)``.
+
+The config names a method of ``baselines/registry.py``. Its entry gives everything that makes it
+that method: the rsm_core arm kind that trains it, its per-row loss with the published
+hyperparameters, and its own settings of the arm kind (e.g. its branching profile). A run config
+can change any of them (``arm.*`` over the method's arm settings, ``objective.*`` over its loss
+hyperparameters); ``resolve`` fills in and checks both, so a run directory's config.yaml holds
+every value the run used.
+
+``run`` builds the backbone with a fresh LoRA adapter, the rewards and the prompt sets, one arm per
+data shard, and hands them to the shared trainer; rerunning the same command resumes an interrupted
+run from its last checkpoint.
+
+    python -m experiments.run tempflow-grpo --scale smoke      # one run, any registered method
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from baselines import registry
+from baselines.method import Method
+from experiments.cli import run as run_cli
+from rsm_core import arms
+from rsm_core.arms import ArmKind
+from rsm_core.backbones.base import POLICY
+from rsm_core.config import ConfigError, InvalidValue, load_config, require
+from rsm_core.interfaces import Arm, Backbone, Reward
+from rsm_core.records import RunRecord
+from rsm_core.trainer import LoopConfig, Trainer
+from rsm_core.world import prompts
+
+CONFIGS = Path(__file__).parent / "configs" / "run"
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["tiny-flow", "sd35"] = "tiny-flow"
+    path: str = "stabilityai/stable-diffusion-3.5-medium"  # sd35: hub id (local cache) or directory
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    lora_init: str = "gaussian"  # PEFT gaussian init (A ~ N(0, 1/r^2), B = 0), as published
+
+    def __post_init__(self) -> None:
+        require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
+        require(self.lora_alpha > 0, "lora_alpha", "must be positive")
+
+
+@dataclass
+class PromptConfig:
+    # "tiny-geneval": the tiny world's disjoint GenEval-format train/test splits. "files": one prompt
+    # per line (.txt) or GenEval metadata (.jsonl), e.g. Pick-a-Pic's train.txt / test.txt.
+    source: Literal["tiny-geneval", "files"] = "tiny-geneval"
+    train_file: str = ""
+    test_file: str = ""
+    eval_prompts: int = 0  # first n test prompts (0 = all)
+
+    def __post_init__(self) -> None:
+        require(self.eval_prompts >= 0, "eval_prompts", "must not be negative (0 = every test prompt)")
+
+
+@dataclass
+class RunConfig:
+    method: str = "tempflow-grpo"  # a trainable method of baselines/registry.py
+    seed: int = 42  # rollout noise, prompt draws and the LoRA initialisation; shard r uses seed + r
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # the training reward: the tiny world's (shapes_*), or at paper scale "aesthetic" (LAION) or
+    # "geneval-server" (the remote GenEval detector; "-strict" variants for evaluation)
+    reward: str = "shapes_aesthetic"
+    eval_extra: list[str] = field(default_factory=list)  # more rewards measured at each evaluation
+    geneval_url: str = ""  # geneval-server: "" = $TEMPFLOW_GENEVAL_REWARD_URL or http://127.0.0.1:18085
+    geneval_wire: Literal["json", "pickle"] = "pickle"  # Flow-GRPO's reward server speaks pickle
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    # settings of the method's arm kind (rsm_core.arms), over the method's own (e.g. its profile)
+    arm: dict[str, Any] = field(default_factory=dict)
+    # the method's loss hyperparameters, over its published ones (baselines/<method>.py)
+    objective: dict[str, Any] = field(default_factory=dict)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    # data-parallel shards run one after another in each process (gradients averaged): W processes
+    # x 1 shard and 1 process x W shards give the same update (the 1gpu scale uses the latter)
+    shards: int = 1
+    wandb: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.shards >= 1, "shards", "must be at least 1")
+        require(self.threads >= 0, "threads", "must not be negative (0 = torch's default)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolving a config against the registry
+# ------------------------------------------------------------------------------------------------
+
+
+def trainable_method(name: str, key: str = "method") -> Method:
+    try:
+        method = registry.get(name)
+    except KeyError:
+        method = None
+    if method is None or not method.trainable:
+        names = [m.name for m in registry.trainable()]
+        raise InvalidValue(key, f"{name!r} is not a trainable registered method; choose one of {names}")
+    return method
+
+
+def _instantiate(schema: type, layers: list[Any], key: str) -> Any:
+    """``schema``'s defaults, then each layer, as a checked dataclass instance (errors name ``key``)."""
+    node = OmegaConf.structured(schema)
+    try:
+        for layer in layers:
+            node = OmegaConf.merge(node, layer)
+        return OmegaConf.to_object(node)
+    except InvalidValue as error:
+        raise (error.under(key) if key else error) from None
+    except OmegaConfBaseException as error:
+        detail = str(error).splitlines()[0]
+        where = getattr(error, "full_key", "") or ""
+        full = ".".join(part for part in (key, where) if part)
+        raise ConfigError(f"bad config key or value '{full}': {detail}") from None
+
+
+@dataclass(frozen=True)
+class Sections:
+    """A run config resolved against the registry: every section a checked dataclass."""
+
+    run: RunConfig  # arm and objective hold the full resolved dicts
+    method: Method
+    kind: ArmKind
+    arm: Any  # the kind's config
+    objective: Any  # the method's loss config
+
+
+def sections(cfg: DictConfig | RunConfig, prefix: str = "") -> Sections:
+    """Check ``cfg`` and complete its arm and objective from the method's registry entry.
+
+    Order, lowest first: the arm kind's defaults, the method's own settings of it, the config's
+    ``arm``; the method's published loss hyperparameters, the config's ``objective``. ``prefix``
+    is where the run config sits in a larger one (``run.`` in a sweep), for the error messages.
+    """
+    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    method = trainable_method(node.method, f"{prefix}method")
+    kind = arms.kind(method.arm)
+    arm = _instantiate(kind.config, [method.arm_config, node.arm], f"{prefix}arm")
+    objective = _instantiate(
+        type(method.config), [dataclasses.asdict(method.config), node.objective], f"{prefix}objective"
+    )
+    for name in ("model", "prompts", "loop"):
+        _instantiate(type(getattr(RunConfig(), name)), [node[name]], f"{prefix}{name}")
+    run = _instantiate(RunConfig, [node], prefix.rstrip("."))
+    run.arm, run.objective = dataclasses.asdict(arm), dataclasses.asdict(objective)
+    return Sections(run, method, kind, arm, objective)
+
+
+def resolve(cfg: DictConfig | RunConfig, prefix: str = "") -> DictConfig:
+    """The fully resolved, checked, read-only run config (what config.yaml records)."""
+    resolved = OmegaConf.structured(sections(cfg, prefix).run)
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts of a run
+# ------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str) -> list[dict]:
+    """GenEval metadata (.jsonl) as is, or a text file's lines as {"prompt": line}."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file {file} does not exist; set prompts.train_file / test_file")
+    if file.suffix == ".jsonl":
+        return prompts.read_jsonl(file)
+    return [{"prompt": line.strip()} for line in file.read_text().splitlines() if line.strip()]
+
+
+def prompt_sets(config: PromptConfig) -> tuple[list[dict], list[dict]]:
+    if config.source == "tiny-geneval":
+        train, test = prompts.split()
+    else:
+        train, test = read_prompts(config.train_file), read_prompts(config.test_file)
+    return train, test[: config.eval_prompts] if config.eval_prompts else test
+
+
+def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Backbone:
+    """The backbone with a fresh policy LoRA adapter drawn from ``seed`` (the same on every process).
+    The tiny world runs on the CPU; SD3.5-M on ``device`` (samplers keep their states on the CPU and
+    the backbone moves inputs and outputs)."""
+    if config.backbone == "sd35":
+        from rsm_core.backbones.stable_diffusion import SD35
+
+        backbone = SD35(config.path, device=device)
+    else:
+        from rsm_core.world.assets import load_backbones
+
+        backbone = load_backbones().flow
+    torch.manual_seed(seed)
+    backbone.add_lora(config.lora_rank, config.lora_alpha, config.lora_init, name=POLICY)
+    return backbone
+
+
+def reward_functions(config: RunConfig) -> dict[str, Reward]:
+    """Every reward the run names (training and extra evaluation), with a clear error for the others."""
+    names = [config.reward, *config.eval_extra]
+    available: dict[str, Reward] = {}
+    if config.model.backbone == "tiny-flow":
+        from reward_models.world import world_rewards
+
+        available |= world_rewards()
+    if any(name.startswith("geneval-server") for name in names):
+        from reward_models.geneval_server import GenEvalServerReward
+
+        url = config.geneval_url or None
+        available["geneval-server"] = GenEvalServerReward(url, wire=config.geneval_wire)
+        available["geneval-server-strict"] = GenEvalServerReward(
+            url, wire=config.geneval_wire, score="strict"
+        )
+    if "aesthetic" in names:  # the LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), paper scale
+        from reward_models.laion_aesthetic import LAIONAesthetic
+
+        available["aesthetic"] = LAIONAesthetic()
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ConfigError(
+            f"reward(s) {missing} are not available for backbone {config.model.backbone!r}; available: "
+            f"{sorted(available)} (the tiny world's rewards score the tiny backbones' images)"
+        )
+    return {name: available[name] for name in names}
+
+
+@dataclass
+class Parts:
+    """What the shards of one process share: the backbone, the rewards and the prompt sets."""
+
+    backbone: Backbone
+    rewards: dict[str, Reward]
+    train: list[dict]
+    test: list[dict]
+
+
+def build_parts(config: RunConfig, device: str | torch.device = "cpu") -> Parts:
+    backbone = build_backbone(config.model, config.seed, device)
+    train, test = prompt_sets(config.prompts)
+    return Parts(backbone, reward_functions(config), train, test)
+
+
+def build_arm(
+    config: DictConfig | RunConfig | Sections, parts: Parts | None = None, *, rank: int = 0, world: int = 1
+) -> Arm:
+    """The arm of ``config``'s method for data shard ``rank`` of ``world`` (parts built if not given)."""
+    resolved = config if isinstance(config, Sections) else sections(config)
+    parts = parts or build_parts(resolved.run)
+    run = resolved.run
+    return resolved.kind.arm(
+        parts.backbone,
+        parts.rewards[run.reward],
+        resolved.method.objective(resolved.objective),
+        parts.train,
+        parts.test,
+        resolved.arm,
+        seed=run.seed,
+        rank=rank,
+        world=world,
+        eval_extra={name: parts.rewards[name] for name in run.eval_extra},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def accelerator_if_launched():
+    """An accelerate Accelerator when started by `accelerate launch` / torchrun with several
+    processes, else None (a plain single-process run needs no process group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def run_inputs(config: DictConfig | RunConfig) -> dict:
+    """What a run reads besides its config and must match to be resumed or reused: the tiny world's
+    weight fingerprints (SD3.5 weights are named by their path in the config)."""
+    if config.model.backbone == "sd35":
+        return {}
+    from rsm_core.world.assets import world_fingerprint
+
+    return {"tiny_world": world_fingerprint()}
+
+
+def run(config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: bool = True) -> Path:
+    """Train one run to completion (or resume it); returns the run directory."""
+    resolved = sections(config)
+    settings = resolved.run
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    accelerator = accelerator_if_launched()
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    record = (
+        RunRecord.create_or_resume(
+            runs_dir, name, OmegaConf.structured(settings), wandb=settings.wandb, inputs=run_inputs(settings)
+        )
+        if rank == 0
+        else None
+    )
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the run directory exists before any process uses it
+    started = time.perf_counter()
+    try:
+        device = accelerator.device if accelerator else ("cuda" if torch.cuda.is_available() else "cpu")
+        parts = build_parts(settings, device)
+        world = processes * settings.shards
+        shards = [
+            build_arm(resolved, parts, rank=rank * settings.shards + s, world=world)
+            for s in range(settings.shards)
+        ]
+        trainer = Trainer(shards, settings.loop, accelerator)
+        trainer.run(Path(runs_dir) / name, record, progress=progress)
+    except BaseException as error:
+        if record is not None:
+            record.fail(error)
+        raise
+    if record is not None:
+        record.finish({"epochs": trainer.epoch, "seconds": round(time.perf_counter() - started, 1)})
+    return Path(runs_dir) / name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("method", help=f"one of {[m.name for m in registry.trainable()]}")
+    parser.add_argument("--scale", default="tiny", help=f"smoke | tiny ({CONFIGS}/*.yaml)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument("--name", help="run directory name (default: <method>-<scale>-seed<seed>)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
+    args = parser.parse_args(argv)
+    cfg = load_config(
+        RunConfig, CONFIGS / f"{args.scale}.yaml", overrides=[f"method={args.method}", *args.set]
+    )
+    resolved = resolve(cfg)
+    name = args.name or f"{resolved.method}-{args.scale}-seed{resolved.seed}"
+    started = time.perf_counter()
+    path = run(resolved, args.runs_dir, name)
+    print(f"{name} done in {(time.perf_counter() - started) / 60:.1f} min: {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

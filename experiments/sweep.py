@@ -1,0 +1,214 @@
+"""A figure's arms x seeds under matched compute, and their reward curves.
+
+A figure (`make fig3`, `make fig-zo-flow`) is a table of arms on top of a scale file: each arm names
+a registered method (and at most a few settings of its own), the scale file says how big every run
+is. This module runs the table (reusing finished runs, resuming unfinished ones), collects the
+evaluation rows of every run in long format and draws reward against wall-clock and against KL: the
+mean over seeds and, as the band, the seed spread (min to max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from experiments.run import RunConfig, resolve, run, run_inputs
+from rsm_core.config import ConfigError, apply_override, load_config, require
+from rsm_core.records import RunExistsError, RunRecord, read_metrics
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.plot import save_figure  # noqa: E402
+
+COLUMNS = ["arm", "seed", "epoch", "wallclock_h", "nfe", "kl", "reward", "train_reward"]
+
+
+@dataclass
+class SweepConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=list)  # empty: every arm of the figure
+
+    def __post_init__(self) -> None:
+        require(len(self.seeds) >= 1, "seeds", "name at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), "seeds", "every seed once")
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm.lower().replace(' ', '-')}-seed{seed}"
+
+
+def arm_config(cfg: SweepConfig | DictConfig, overrides: list[str], seed: int) -> DictConfig:
+    """One run's resolved config: the scale's run settings, the arm's own settings, its seed.
+
+    Seed index s runs with base seed + 1000 s, so every seed of every arm draws its own noise.
+    """
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg.run)
+    for item in [*overrides, f"seed={cfg.run.seed + 1000 * seed}"]:
+        merged = apply_override(merged, item)
+    return resolve(merged, prefix="run.")
+
+
+def check_overrides(
+    user: list[str], table: dict[str, list[str]], figure: str, arms: dict[str, DictConfig]
+) -> None:
+    """Refuse a user's ``run.*`` override that the figure would silently undo or that would erase what
+    its arms are about: a key the arm table sets per arm, or a setting in which the arms' resolved
+    configs (``arms``, resolved without the user's run overrides) differ — e.g. each method's own
+    branching profile."""
+    per_arm = {item.partition("=")[0] for overrides in table.values() for item in overrides}
+    hint = (
+        "Pick arms with --set arms=[...], or train one run with your own settings with "
+        "`python -m experiments.run METHOD --set ...`"
+    )
+    for item in user:
+        key = item.partition("=")[0]
+        if not key.startswith("run."):
+            continue
+        inner = key[len("run.") :]
+        clash = sorted(
+            k for k in per_arm if k == inner or k.startswith(f"{inner}.") or inner.startswith(f"{k}.")
+        )
+        if clash:
+            settings = "; ".join(f"{arm}: {', '.join(o)}" for arm, o in table.items())
+            raise ConfigError(
+                f"--set {item} would be replaced: {figure}'s arm table sets {', '.join(clash)} per arm "
+                f"({settings}). {hint}"
+            )
+        values = {arm: _plain(OmegaConf.select(config, inner)) for arm, config in arms.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            listed = "; ".join(f"{arm}: {value}" for arm, value in values.items())
+            raise ConfigError(
+                f"--set {item} would give every arm of {figure} the same {inner}, the setting that tells "
+                f"its methods apart ({listed}). {hint}"
+            )
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def frame(
+    sweep: Path, arms: list[str], seeds: list[int], extra: dict[str, tuple[str, ...]] | None = None
+) -> pd.DataFrame:
+    """Every evaluation row of every run, long format (one row per arm, seed and evaluated epoch).
+
+    ``extra``: more columns, each read from the first of its candidate metric keys a row has (the
+    same quantity is logged under the name of the tiny or the paper-scale reward)."""
+    extra = extra or {}
+    rows = []
+    for arm in arms:
+        for seed in seeds:
+            for row in read_metrics(sweep / run_name(arm, seed)):
+                if "eval_reward" not in row:
+                    continue
+                rows.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "epoch": row["epoch"],
+                        "wallclock_h": row["wallclock_h"],
+                        "nfe": row["nfe"],
+                        "kl": row["eval_kl"],
+                        "reward": row["eval_reward"],
+                        "train_reward": row.get("reward_mean", float("nan")),
+                        **{
+                            column: next((row[k] for k in keys if k in row), float("nan"))
+                            for column, keys in extra.items()
+                        },
+                    }
+                )
+    return pd.DataFrame(rows, columns=[*COLUMNS, *extra])
+
+
+def plot_panels(data: pd.DataFrame, stem: Path, title: str, ylabel: str, y: str = "reward") -> list[Path]:
+    """(a) y vs training wall-clock, (b) y vs KL: per arm the mean over seeds at each evaluated epoch
+    (x and y both averaged) and the band from the lowest to the highest seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+    for arm, part in data.groupby("arm", sort=False):
+        by_epoch = part.groupby("epoch")
+        mean = by_epoch.mean(numeric_only=True)
+        low, high = by_epoch.min(numeric_only=True), by_epoch.max(numeric_only=True)
+        seeds = part["seed"].nunique()
+        for ax, x in zip(axes, ("wallclock_h", "kl"), strict=True):
+            (line,) = ax.plot(mean[x], mean[y], marker="o", markersize=3, label=f"{arm} ({seeds} seeds)")
+            ax.fill_between(mean[x], low[y], high[y], color=line.get_color(), alpha=0.2, linewidth=0)
+    axes[0].set_xlabel("training wall-clock, hours\n(sampling + reward + updates)")
+    axes[1].set_xlabel("KL to the reference\n(per element, summed over the trained steps)")
+    for ax in axes:
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("(a) reward vs wall-clock", fontsize=10)
+    axes[1].set_title("(b) reward vs KL", fontsize=10)
+    axes[1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, data, stem)
+
+
+def main(
+    argv: list[str] | None,
+    *,
+    figure: str,
+    doc: str,
+    arms: dict[str, list[str]],
+    title: str,
+    ylabel: str,
+    y: str = "reward",
+    extra: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configs = Path(__file__).parent / "configs" / figure
+    parser.add_argument("--scale", default="tiny", help=f"smoke | tiny | paper | 1gpu ({configs}/*.yaml)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument("--name", help=f"sweep directory under --runs-dir (default: {figure}-<scale>)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
+    parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw from the finished runs")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
+    chosen = list(cfg.arms) or list(arms)
+    unknown = sorted(set(chosen) - set(arms))
+    if unknown:
+        raise ConfigError(f"unknown arms {unknown} for {figure}; choose from {list(arms)}")
+    # every run's config is resolved and checked before the first one starts
+    configs_by_run = {(arm, seed): arm_config(cfg, arms[arm], seed) for arm in chosen for seed in cfg.seeds}
+    OmegaConf.to_object(cfg)  # the sweep's own checks (its run section passed above)
+    plain = load_config(
+        SweepConfig,
+        configs / f"{args.scale}.yaml",
+        overrides=[o for o in args.set if not o.startswith("run.")],
+    )
+    check_overrides(args.set, arms, figure, {arm: arm_config(plain, arms[arm], seed=0) for arm in chosen})
+    sweep = args.runs_dir / (args.name or f"{figure}-{args.scale}")
+    started = time.perf_counter()
+    if not args.plot_only:
+        for (arm, seed), config in configs_by_run.items():
+            name = run_name(arm, seed)
+            path = sweep / name
+            if RunRecord.is_complete(path):
+                if not RunRecord.matches(path, config, run_inputs(config)):
+                    raise RunExistsError(
+                        f"{path} is a complete run of another config or another tiny world; "
+                        "use --name for a fresh sweep, or move that directory away"
+                    )
+                print(f"{path} is complete; reusing it (use --name for a fresh sweep)")
+                continue
+            run(config, sweep, name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under accelerate launch the main process draws the figure
+    data = frame(sweep, chosen, list(cfg.seeds), extra)
+    stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
+    paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{figure} done in {minutes:.1f} min: runs in {sweep}; figure " + ", ".join(str(p) for p in paths))
