@@ -96,6 +96,7 @@ def advantages(
         raise ValueError(f"unknown centring {center!r}; choose 'none', 'mean' or 'leave-one-out'")
     if scale not in ("none", "std", "mad"):
         raise ValueError(f"unknown scaling {scale!r}; choose 'none', 'std' or 'mad'")
+    rewards = rewards.double()
     stats = group_stats(rewards, group_ids)
     count, mean = stats.per_row(stats.count), stats.per_row(stats.mean)
     if center == "none":
@@ -113,6 +114,8 @@ def advantages(
             torch.zeros_like(stats.mean).index_add(0, stats.index, (rewards - mean).abs()) / stats.count
         )
         centered = centered / (stats.per_row(deviation) + eps)
+    if center != "none":
+        centered = torch.where(stats.per_row(stats.constant), torch.zeros_like(centered), centered)
     return centered.clamp(-clip, clip) if clip is not None else centered
 
 

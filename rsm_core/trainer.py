@@ -51,7 +51,7 @@ class LoopConfig:
     ema_burst: bool = True
     # "before_step": the published order, the EMA averages the weights from before the optimizer step
     # that fires it; "after_step": it averages the weights that step produced (the textbook order).
-    ema_timing: EmaTiming = "after_step"  # PHASE-A
+    ema_timing: EmaTiming = "before_step"
     eval_every: int = 30  # epochs; also evaluated before training and after the last epoch
     checkpoint_every: int = 10  # epochs
 

@@ -92,6 +92,9 @@ class EpochRows:
     advantage: Tensor  # (R,)
     branch_weight: Tensor  # (R,)
     profile: profiles.Profile  # the profile these rows were collected with
+    # the frozen reference's output at trunk states, computed once when first needed: (P, L, *D)
+    reference: Tensor | None = None
+    has_reference: Tensor | None = None  # (P, L) bool
 
 
 @dataclass(frozen=True)
@@ -268,15 +271,24 @@ class ZOBranchArm:
 
     def _outputs(self, batch: EpochRows, parent: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_i, policy output with gradient, reference output) at the trunk states of (parent, step)
-        pairs, each distinct state evaluated once (its k_i rows share it; exact, no dropout)."""
+        pairs. Each distinct state is evaluated once per microbatch by the policy (its k_i rows share
+        it; exact, no dropout) and once per epoch by the frozen reference."""
         pairs, inverse = torch.unique(self._group(parent, step), return_inverse=True)
         p_unique, s_unique = pairs // len(self.times), pairs % len(self.times)
         x = batch.trunk[p_unique, s_unique]
         cond = self.backbone.encode([batch.prompts[p] for p in p_unique.tolist()])
         t = self.times[s_unique]
         f_theta = self.backbone.native(x, t, cond, cfg=self.config.cfg)
-        with torch.no_grad():
-            f_ref = self.backbone.native(x, t, cond, cfg=self.config.cfg, adapter=None)
+        if batch.reference is None:
+            batch.reference = torch.zeros_like(batch.trunk_native)
+            batch.has_reference = torch.zeros(batch.trunk_native.shape[:2], dtype=torch.bool)
+        todo = ~batch.has_reference[p_unique, s_unique]
+        if bool(todo.any()):
+            with torch.no_grad():
+                fresh = self.backbone.native(x[todo], t[todo], cond[todo], cfg=self.config.cfg, adapter=None)
+            batch.reference[p_unique[todo], s_unique[todo]] = fresh
+            batch.has_reference[p_unique[todo], s_unique[todo]] = True
+        f_ref = batch.reference[p_unique, s_unique]
         return x[inverse], f_theta[inverse], f_ref[inverse]
 
     def loss(self, microbatch: Microbatch) -> tuple[Tensor, dict[str, float]]:
