@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from rsm_core.config import config_to_dict, to_yaml
 
@@ -89,18 +89,8 @@ def save_tensors_atomic(
 ) -> None:
     """safetensors written atomically (a crash leaves the previous file or none, never half a file);
     ``metadata`` (strings) travels in the same file, so tensors and bookkeeping can never disagree."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _file_mode())
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from rsm_core.records import (
     atomic_write_text,
     load_tensors,
     read_metrics,
+    save_tensors_atomic,
 )
 
 
@@ -149,6 +150,19 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path: Path, m
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    """Temp files start at 0600; results a cluster group reads must come out 0666 less the umask."""
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "table.csv", "a,b\n")
+        save_tensors_atomic(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"table.csv": 0o644, "w.safetensors": 0o644, "plain.txt": 0o644}
 
 
 def test_checkpoints_round_trip_as_safetensors(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ declared coefficients matches the per-method h(t) table of theory spec §4."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -57,6 +59,11 @@ def test_table1_has_one_row_per_method(tmp_path) -> None:
 def test_fig_nim_writes_png_pdf_and_csv(tmp_path) -> None:
     paths = [p.name for p in fig_nim.plot_fig_nim(fig_nim.influence_frame(), tmp_path / "fig_nim")]
     assert paths == ["fig_nim.png", "fig_nim.pdf", "fig_nim.csv"]
+    # the same data gives the same bytes (no timestamp inside), so a rerun leaves `git status` clean
+    first = {name: (tmp_path / name).read_bytes() for name in paths}
+    time.sleep(1.1)
+    fig_nim.plot_fig_nim(fig_nim.influence_frame(), tmp_path / "fig_nim")
+    assert all((tmp_path / name).read_bytes() == first[name] for name in paths)
     frame = fig_nim.influence_frame()
     sizes = frame.groupby("method").size().to_dict()
     assert sizes["residual-nabla-db"] == 50 and sizes["tempflow-grpo"] == 9 and sizes["vgg-flow"] == 20
