@@ -50,6 +50,9 @@ class ModelConfig:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     lora_init: str = "gaussian"  # PEFT gaussian init (A ~ N(0, 1/r^2), B = 0), as published
+    # module-name suffixes the adapter wraps; empty: the backbone's published list (SD3.5-M: the
+    # joint-attention projections of TempFlow-GRPO, rsm_core.backbones.architectures)
+    lora_targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
@@ -204,7 +207,9 @@ def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = 
 
         backbone = load_backbones().flow
     torch.manual_seed(seed)
-    backbone.add_lora(config.lora_rank, config.lora_alpha, config.lora_init, name=POLICY)
+    backbone.add_lora(
+        config.lora_rank, config.lora_alpha, config.lora_init, name=POLICY, targets=config.lora_targets
+    )
     return backbone
 
 

@@ -65,7 +65,14 @@ class Backbone(Protocol):
 
     def decode(self, latents: Tensor) -> Tensor: ...  # images in [0, 1], differentiable
 
-    def add_lora(self, rank: int, alpha: float, init: str | bool = "gaussian", name: str = ...) -> None: ...
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float,
+        init: str | bool = "gaussian",
+        name: str = ...,
+        targets: Sequence[str] = (),
+    ) -> None: ...
 
     def adapter_parameters(self, name: str = ...) -> list[nn.Parameter]: ...
 

@@ -340,6 +340,15 @@ def test_adapter_off_is_the_reference_after_lora_training(saved, name: str) -> N
     torch.testing.assert_close(policy_again, policy)  # the adapter is back on afterwards
 
 
+def test_sd35_lora_wraps_the_joint_attention_and_not_attn2(saved) -> None:
+    backbone = _load(saved, "sd35")
+    backbone.add_lora(rank=2, alpha=2.0)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in backbone.model.named_parameters() if ".lora_A." in n}
+    kinds = {name.split("attn.", 1)[1] for name in wrapped}
+    assert kinds == {t.split(".", 1)[1] for t in SD35.lora_targets}  # add_* included: the text stream
+    assert not any(".attn2." in name for name in wrapped)
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 

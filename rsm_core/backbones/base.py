@@ -23,7 +23,9 @@ from rsm_core.flows import TimePoint
 from rsm_core.grids import Grid
 
 FlowKind = Literal["rf-v", "vp-eps"]
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's LoRA targets (SD1.5, SD3.5, tiny)
+# every attention projection (self and cross): the published SD1.5 targets, VGG-Flow's on SD3.5-M, and
+# the tiny world's (spec: map the targets to the tiny model's q/k/v/out)
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass(frozen=True)
@@ -139,15 +141,26 @@ class BackboneBase:
             return f_uncond + cfg * (f_cond - f_uncond)
 
     # --- LoRA adapters --------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, init: str | bool = "gaussian", name: str = POLICY) -> None:
-        """A new trainable LoRA adapter on ``lora_targets``; the base weights are frozen, every adapter
-        stays trainable, and the policy adapter stays the one ``native`` runs by default."""
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float,
+        init: str | bool = "gaussian",
+        name: str = POLICY,
+        targets: Sequence[str] = (),
+    ) -> None:
+        """A new trainable LoRA adapter on ``targets`` (module-name suffixes; empty: the backbone's
+        published ``lora_targets``); the base weights are frozen, every adapter stays trainable, and the
+        policy adapter stays the one ``native`` runs by default."""
         from peft import LoraConfig
 
         if name in self.adapter_names:
             raise ValueError(f"the backbone already has a LoRA adapter named {name!r}")
         config = LoraConfig(
-            r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(self.lora_targets)
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=init,
+            target_modules=list(targets or self.lora_targets),
         )
         with self._keeping_trainable(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rsm_core.backbones.architectures import SD35_JOINT_ATTENTION
 from rsm_core.backbones.base import BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
@@ -235,6 +236,8 @@ class _DiffusersBackbone(BackboneBase):
 
 class SD35(_DiffusersBackbone):
     """Stable Diffusion 3.5 Medium: rectified flow (shift 3), velocity prediction, 512 px by default."""
+
+    lora_targets = SD35_JOINT_ATTENTION  # the zeroth-order code's; VGG-Flow passes its own
 
     def __init__(
         self,
