@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rsm_core.budget import Budget
+from rsm_core.collectives import Collectives
 from rsm_core.config import require
 from rsm_core.interfaces import Arm, ParamGroup
 from rsm_core.records import RunRecord, load_tensors, load_tensors_metadata, save_tensors_atomic
@@ -100,9 +101,9 @@ class Trainer:
     def __init__(self, shards: Sequence[Arm], config: LoopConfig, accelerator: Any = None) -> None:
         """``shards``: this process's arms (sharing one backbone); ``accelerator``: an accelerate
         Accelerator when several processes train together, else None."""
-        self.shards, self.config, self.accelerator = list(shards), config, accelerator
-        self.processes = accelerator.num_processes if accelerator is not None else 1
-        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.shards, self.config = list(shards), config
+        self.collectives = Collectives(accelerator)
+        self.processes, self.rank = self.collectives.processes, self.collectives.rank
         self.groups = [self._group(spec) for spec in self.shards[0].param_groups()]
         names = [g.spec.name for g in self.groups]
         if len(set(names)) != len(names):
@@ -133,18 +134,13 @@ class Trainer:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def device(self) -> torch.device:
-        """Where collectives run: NCCL takes only tensors on the accelerator's device."""
-        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+        return self.collectives.is_main
 
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        if self.processes == 1 or not values:
+        if not values:
             return values
-        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        return dict(zip(values, self.accelerator.reduce(stacked, "mean").tolist(), strict=True))
+        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.collectives.device)
+        return dict(zip(values, self.collectives.reduce(stacked, "mean").tolist(), strict=True))
 
     # --- one epoch ------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -196,10 +192,10 @@ class Trainer:
     def _synchronise_gradients(self) -> None:
         """Sum the processes' gradients (each already divided by the global microbatch count)."""
         if self.processes == 1:
-            return
+            return  # a parameter without a gradient keeps None: AdamW then skips it, decay included
         for p in self.params:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.grad = self.accelerator.reduce(grad, "sum")
+            p.grad = self.collectives.reduce(grad, "sum")
 
     def _update_ema(self, accumulation: int) -> None:
         """The published rule: at optimizer step m (1-based) with m % ema_every == 0, ema <- ema +
@@ -287,11 +283,10 @@ class Trainer:
     def _budget_row(self) -> dict[str, float]:
         """Compute over all processes (NFE and reward calls add up; wall-clock is the main process's)."""
         row = self.budget.row()
-        if self.processes > 1:
-            counts = torch.tensor([row["nfe"], row["reward_calls"]], dtype=torch.float64, device=self.device)
-            row["nfe"], row["reward_calls"] = (
-                int(v) for v in self.accelerator.reduce(counts, "sum").tolist()
-            )
+        counts = torch.tensor(
+            [row["nfe"], row["reward_calls"]], dtype=torch.float64, device=self.collectives.device
+        )
+        row["nfe"], row["reward_calls"] = (int(v) for v in self.collectives.reduce(counts, "sum").tolist())
         return row
 
     def run(self, run_dir: Path, record: RunRecord | None, progress: bool = True) -> None:

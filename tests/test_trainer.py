@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
+from rsm_core.collectives import Collectives, WrongDevice, on_device
 from rsm_core.interfaces import ParamGroup
 from rsm_core.trainer import LoopConfig, Trainer
 from rsm_core.world.assets import load_backbones
@@ -216,3 +217,52 @@ def test_a_checkpoint_holds_every_group_and_resumes_exactly(tmp_path: Path) -> N
     mismatched.groups[1].ema = None  # another config: the value net keeps no EMA
     with pytest.raises(RuntimeError, match="holds the parameter groups"):
         mismatched.load(tmp_path / "checkpoint.safetensors")
+
+
+class RecordingAccelerator:
+    """Stands in for accelerate with ``processes`` identical processes on ``device``: a sum is the
+    tensor times the process count, a mean the tensor itself; it records what each collective got."""
+
+    def __init__(self, device: str, processes: int = 2) -> None:
+        self.device, self.num_processes, self.process_index = torch.device(device), processes, 0
+        self.seen: list[torch.device] = []
+
+    def reduce(self, tensor: Tensor, op: str) -> Tensor:
+        self.seen.append(tensor.device)
+        return tensor * self.num_processes if op == "sum" else tensor
+
+
+def test_collectives_refuse_a_tensor_off_the_accelerators_device() -> None:
+    collectives = Collectives(RecordingAccelerator("cuda:0"))
+    with pytest.raises(WrongDevice, match=r"tensor on cpu, but the processes communicate on cuda:0"):
+        collectives.reduce(torch.zeros(2, dtype=torch.float64), "sum")
+    assert collectives.accelerator.seen == []  # refused before it reached the backend
+    assert Collectives(RecordingAccelerator("meta")).reduce(torch.ones(2, device="meta"), "sum").is_meta
+    assert on_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not on_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not on_device(torch.device("cpu"), torch.device("cuda"))
+    assert on_device(torch.device("cpu"), torch.device("cpu", 0))  # accelerate's CPU device under gloo
+
+
+def test_one_process_checks_the_device_too() -> None:
+    """A single-GPU run has no collective to fail, so the check must not depend on the process count."""
+    with pytest.raises(WrongDevice):
+        Collectives(RecordingAccelerator("cuda:0", processes=1)).reduce(torch.zeros(1), "mean")
+
+
+def test_every_collective_of_an_epoch_gets_a_tensor_on_the_accelerators_device(flow) -> None:
+    accelerator = RecordingAccelerator("cpu:0")  # what accelerate reports for a gloo process
+    trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, accelerator)
+    trainer.train_epoch()
+    trainer._budget_row()
+    gradients = len(trainer.params) * LOOP.updates_per_epoch
+    assert len(accelerator.seen) == gradients + 2  # the gradients, the epoch's means and the counts
+    assert set(accelerator.seen) == {torch.device("cpu")}
+
+
+def test_a_model_left_on_the_cpu_under_a_gpu_accelerator_fails_at_the_first_collective(flow) -> None:
+    """What NCCL would do at the first epoch of a GPU run, shown on the CPU: the LoRA gradients are
+    on the CPU while the processes communicate on the accelerator's device."""
+    trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, RecordingAccelerator("meta"))
+    with pytest.raises(WrongDevice, match="tensor on cpu"):
+        trainer.train_epoch()

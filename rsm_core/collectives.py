@@ -1,0 +1,52 @@
+"""Collectives over the data-parallel processes, checked the way NCCL checks them.
+
+Under gloo, our CPU tests' backend, ``accelerator.reduce`` takes a tensor on any device; under NCCL
+a CPU tensor raises, at the first epoch of a GPU run. Every collective of the trainer goes through
+``Collectives``, which refuses a tensor that is not on the accelerator's device on every backend and
+with one process as well, so a CPU test fails where a GPU run would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+
+class WrongDevice(RuntimeError):
+    pass
+
+
+def on_device(actual: torch.device, expected: torch.device) -> bool:
+    """Whether a tensor on ``actual`` is on ``expected``. Without an index ("cuda") any index will do;
+    the CPU is one device whatever its index (accelerate's multi-process CPU device is "cpu:0", while
+    tensors made there report "cpu")."""
+    if actual.type != expected.type:
+        return False
+    return expected.type == "cpu" or expected.index is None or actual.index == expected.index
+
+
+class Collectives:
+    def __init__(self, accelerator: Any = None) -> None:
+        """``accelerator``: an accelerate Accelerator, or None for one process on the CPU."""
+        self.accelerator = accelerator
+        self.processes = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.device = torch.device(accelerator.device) if accelerator is not None else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce(self, tensor: Tensor, op: Literal["sum", "mean"]) -> Tensor:
+        """The elementwise sum or mean over processes (the tensor itself with one process)."""
+        if not on_device(tensor.device, self.device):
+            raise WrongDevice(
+                f"a collective got a tensor on {tensor.device}, but the processes communicate on "
+                f"{self.device} (NCCL takes only CUDA tensors): create it with device=collectives.device "
+                f"or move it there with .to(collectives.device)"
+            )
+        if self.processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, op)
