@@ -34,6 +34,7 @@ from experiments.cli import run as run_cli
 from rsm_core import arms
 from rsm_core.arms import ArmKind
 from rsm_core.backbones.base import POLICY
+from rsm_core.backbones.lora_export import export_lora
 from rsm_core.config import ConfigError, InvalidValue, load_config, require
 from rsm_core.interfaces import Arm, Backbone, Reward
 from rsm_core.records import RunRecord
@@ -332,6 +333,9 @@ def run(config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: boo
         ]
         trainer = Trainer(shards, settings.loop, accelerator)
         trainer.run(Path(runs_dir) / name, record, progress=progress)
+        if record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
+            with trainer.evaluated_weights():
+                export_lora(parts.backbone.model, POLICY, Path(runs_dir) / name / "lora")
     except BaseException as error:
         if record is not None:
             record.fail(error)

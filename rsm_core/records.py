@@ -56,12 +56,16 @@ class IncompleteRunError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
 def _file_mode() -> int:
     """The mode a plainly created file gets (0666 less the umask): temp files start at 0600, and a
     result a cluster group should read must not stay that way."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~current_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

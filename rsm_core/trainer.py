@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -210,12 +210,15 @@ class Trainer:
                     for e, p in zip(group.ema or [], group.params, strict=False):
                         e.lerp_(p.detach(), 1 - decay)
 
-    def evaluate(self) -> dict[str, float]:
-        """The main process evaluates the EMA weights (identical on every process), or the trained
-        weights of groups that keep no EMA."""
+    def evaluated_weights(self) -> AbstractContextManager[None]:
+        """The weights evaluation uses, swapped in: the EMA (identical on every process), or the
+        trained weights of groups that keep no EMA."""
         params = [p for g in self.groups if g.ema is not None for p in g.params]
         emas = [e for g in self.groups if g.ema is not None for e in g.ema]
-        with self.budget.timer("eval"), swapped_in(params, emas), torch.no_grad():
+        return swapped_in(params, emas)
+
+    def evaluate(self) -> dict[str, float]:
+        with self.budget.timer("eval"), self.evaluated_weights(), torch.no_grad():
             return {f"eval_{k}": v for k, v in self.shards[0].evaluate().items()}
 
     # --- checkpoints ----------------------------------------------------------------------------

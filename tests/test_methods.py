@@ -44,6 +44,12 @@ def test_every_trainable_method_trains_one_smoke_epoch(method, tmp_path: Path) -
     assert any(not torch.equal(a, b) for a, b in zip(initial, trained_weights, strict=True)), (
         "nothing trained"
     )
+    exported = load_tensors(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    final = load_tensors(run_dir / "weights.safetensors")  # the EMA, as evaluated
+    assert len(exported) == len(initial)
+    assert sorted(v.sum().item() for v in exported.values()) == sorted(
+        final[f"policy.{i}"].sum().item() for i in range(len(initial))
+    )
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.method == method.name
     for key, value in method.arm_config.items():  # the method's own settings reached its arm

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from rsm_core import flows
+from rsm_core.backbones.base import POLICY
+from rsm_core.backbones.lora_export import export_lora
 from rsm_core.backbones.stable_diffusion import SD15, SD35
-from rsm_core.records import AssetError
+from rsm_core.records import AssetError, current_umask
 
 RESOLUTION = 32  # the tiny VAEs downsample 8x, as the real ones: 4 x 4 latents
 T5_LENGTH = 8
@@ -347,6 +349,34 @@ def test_sd35_lora_wraps_the_joint_attention_and_not_attn2(saved) -> None:
     kinds = {name.split("attn.", 1)[1] for name in wrapped}
     assert kinds == {t.split(".", 1)[1] for t in SD35.lora_targets}  # add_* included: the text stream
     assert not any(".attn2." in name for name in wrapped)
+
+
+@BOTH
+def test_an_exported_lora_loads_into_the_diffusers_pipeline(saved, name: str, tmp_path) -> None:
+    """What a user does with a run's lora/ folder: pipe.load_lora_weights. alpha != rank, so a
+    file without the adapter's config would load at the wrong scale."""
+    backbone = _load(saved, name)
+    backbone.add_lora(rank=2, alpha=8.0)
+    with torch.no_grad():
+        for p in backbone.adapter_parameters():
+            p.normal_(0, 0.5)  # B = 0 at init: give the adapter an effect
+    directory = tmp_path / "lora"
+    weights = export_lora(backbone.model, POLICY, directory)
+    assert weights.name == "pytorch_lora_weights.safetensors"
+    assert not [p for p in tmp_path.iterdir() if p.name != "lora"]  # no staging folder left behind
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+    loaded = _load(saved, name)
+    loaded.pipe.load_lora_weights(directory)
+    torch.manual_seed(3)
+    x, t = torch.randn(2, *backbone.latent_shape), _time(backbone)
+    cond = backbone.encode(PROMPTS)
+    with torch.no_grad():
+        ours = backbone.native(x, t, cond)
+        theirs = loaded._forward(x, loaded.flow.model_timestep(t), loaded.encode(PROMPTS))
+        reference = backbone.native(x, t, cond, adapter=None)
+    assert not torch.allclose(ours, reference, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 # --- missing weights ----------------------------------------------------------------------------
