@@ -7,10 +7,11 @@ MODE        ?= trained
 ARGS        ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-# SCALE=paper runs on GPUs through accelerate (2 processes for Figure 3, 4 for the GenEval run)
+# SCALE=paper runs on GPUs through accelerate (2 processes for Figure 3, 4 for the GenEval run), with
+# the repository's accelerate config and a free port (experiments/launch.py)
 ifeq ($(SCALE),paper)
-RUN_FIG3       = $(VENV)/bin/accelerate launch --num_processes 2 --num_machines 1 -m
-RUN_FIG_ZO     = $(VENV)/bin/accelerate launch --num_processes 4 --num_machines 1 -m
+RUN_FIG3       = $(PY) -m experiments.launch --processes 2
+RUN_FIG_ZO     = $(PY) -m experiments.launch --processes 4
 else
 RUN_FIG3       = $(PY) -m
 RUN_FIG_ZO     = $(PY) -m

@@ -3,7 +3,7 @@
 Three arms of zeroth-order flow matching with branching rollouts under matched compute (the same
 children per parent, sum k = 54, and the same epochs), each over several seeds, on the tiny flow
 model with shapes_aesthetic by default (SCALE=tiny), or at the paper's configuration (SCALE=paper:
-SD3.5-M, Pick-a-Pic prompts, 16 prompts x 4 seeds, 150 epochs, 2 GPUs with `accelerate launch`).
+SD3.5-M, Pick-a-Pic prompts, 16 prompts x 4 seeds, 150 epochs, 2 GPUs through experiments.launch).
 Panels: (a) evaluation reward against training wall-clock hours, (b) against KL to the reference;
 mean and seed spread. `--plot-only` redraws from the runs' metrics.jsonl.
 """

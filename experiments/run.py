@@ -305,13 +305,31 @@ def run_inputs(config: DictConfig | RunConfig) -> dict:
     return {"tiny_world": world_fingerprint()}
 
 
-def run(config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: bool = True) -> Path:
+def training_device(accelerator, backbone: str, allow_cpu: bool) -> torch.device:
+    """The accelerator's device, or CUDA when there is one; a paper-scale backbone on the CPU (days
+    per epoch) only when asked for."""
+    device = torch.device(
+        accelerator.device if accelerator else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cpu" and backbone != "tiny-flow" and not allow_cpu:
+        raise ConfigError(
+            f"model.backbone={backbone} is paper scale and this process sees no CUDA GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it on a GPU "
+            f"node, or add --allow-cpu to run it on the CPU anyway (tests with tiny random models do)"
+        )
+    return device
+
+
+def run(
+    config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: bool = True, allow_cpu: bool = False
+) -> Path:
     """Train one run to completion (or resume it); returns the run directory."""
     resolved = sections(config)
     settings = resolved.run
     if settings.threads:
         torch.set_num_threads(settings.threads)
     accelerator = accelerator_if_launched()
+    device = training_device(accelerator, settings.model.backbone, allow_cpu)
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     record = (
         RunRecord.create_or_resume(
@@ -324,7 +342,6 @@ def run(config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: boo
         accelerator.wait_for_everyone()  # the run directory exists before any process uses it
     started = time.perf_counter()
     try:
-        device = accelerator.device if accelerator else ("cuda" if torch.cuda.is_available() else "cpu")
         parts = build_parts(settings, device)
         world = processes * settings.shards
         shards = [
@@ -356,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--name", help="run directory name (default: <method>-<scale>-seed<seed>)")
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
+    parser.add_argument("--allow-cpu", action="store_true", help="run a paper-scale model without a GPU")
     args = parser.parse_args(argv)
     cfg = load_config(
         RunConfig, CONFIGS / f"{args.scale}.yaml", overrides=[f"method={args.method}", *args.set]
@@ -363,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     resolved = resolve(cfg)
     name = args.name or f"{resolved.method}-{args.scale}-seed{resolved.seed}"
     started = time.perf_counter()
-    path = run(resolved, args.runs_dir, name)
+    path = run(resolved, args.runs_dir, name, allow_cpu=args.allow_cpu)
     print(f"{name} done in {(time.perf_counter() - started) / 60:.1f} min: {path}")
 
 

@@ -174,6 +174,7 @@ def main(
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--plot-only", action="store_true", help="redraw from the finished runs")
+    parser.add_argument("--allow-cpu", action="store_true", help="run paper scale without a GPU (tests)")
     args = parser.parse_args(argv)
 
     cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
@@ -204,7 +205,7 @@ def main(
                     )
                 print(f"{path} is complete; reusing it (use --name for a fresh sweep)")
                 continue
-            run(config, sweep, name)
+            run(config, sweep, name, allow_cpu=args.allow_cpu)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch the main process draws the figure
     data = frame(sweep, chosen, list(cfg.seeds), extra)

@@ -1,8 +1,9 @@
 """Data parallelism: two synchronised CPU processes (gloo, via accelerate) end an epoch with the same
 LoRA weights as one process that runs both shards with the same global batch.
 
-PLATFORM.md: `accelerate launch --cpu --num_processes 2` silently runs one process, so the launch
-uses ACCELERATE_USE_CPU with --multi_gpu; the test checks that two ranks really ran.
+`accelerate launch --cpu --num_processes 2` silently runs one process, so the launch goes through
+experiments.launch (the repository's multi-GPU accelerate config, a free port) with --allow-cpu,
+which sets ACCELERATE_USE_CPU; the test checks that two ranks really ran.
 """
 
 from __future__ import annotations
@@ -56,16 +57,11 @@ def test_two_processes_match_one_process_with_two_shards(
         check=True,
         capture_output=True,
     )
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29533",
-        "-m", "experiments.fig3", *SETTINGS, "--runs-dir", str(double),
-    ]  # fmt: skip
+    launch = [sys.executable, "-m", "experiments.launch", "--processes", "2", "experiments.fig3"]
     subprocess.run(
-        launch,
+        [*launch, *SETTINGS, "--runs-dir", str(double), "--allow-cpu"],
         cwd=ROOT,
-        env={**subprocess_env, "ACCELERATE_USE_CPU": "true"},
+        env=subprocess_env,
         check=True,
         capture_output=True,
     )

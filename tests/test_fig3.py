@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from experiments import bench, fig3, fig_zo_flow
 from experiments.run import run
@@ -69,8 +70,17 @@ def test_unknown_arm_is_a_config_error(tmp_path: Path) -> None:
 def test_paper_scale_without_weights_names_what_is_missing(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    paper = ["--scale", "paper", "--runs-dir", str(tmp_path / "runs"), "--figures-dir", str(tmp_path)]
     with pytest.raises(AssetError, match="stable-diffusion-3.5-medium"):
-        fig3.main(["--scale", "paper", "--runs-dir", str(tmp_path / "runs"), "--figures-dir", str(tmp_path)])
+        fig3.main([*paper, "--allow-cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_paper_scale_without_a_gpu_stops_before_creating_a_run(tmp_path: Path) -> None:
+    paper = ["--scale", "paper", "--runs-dir", str(tmp_path / "runs"), "--figures-dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match=r"model\.backbone=sd35 is paper scale .* --allow-cpu"):
+        fig3.main(paper)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bench_measures_the_minimum_nfe(tmp_path: Path) -> None:
