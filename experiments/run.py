@@ -37,7 +37,7 @@ from rsm_core.backbones.base import POLICY
 from rsm_core.backbones.lora_export import export_lora
 from rsm_core.config import ConfigError, InvalidValue, load_config, require
 from rsm_core.interfaces import Arm, Backbone, Reward
-from rsm_core.records import RunRecord
+from rsm_core.records import RunRecord, content_fingerprint
 from rsm_core.trainer import LoopConfig, Trainer
 from rsm_core.world import prompts
 
@@ -296,13 +296,31 @@ def accelerator_if_launched():
 
 
 def run_inputs(config: DictConfig | RunConfig) -> dict:
-    """What a run reads besides its config and must match to be resumed or reused: the tiny world's
-    weight fingerprints (SD3.5 weights are named by their path in the config)."""
+    """What a run reads besides its config and must match to be resumed or reused: fingerprints of
+    the weights (the tiny world's manifest, or the SD3.5-M folder), the aesthetic head and the prompt
+    files (rsm_core.records.content_fingerprint). A missing file is an error here, before any run."""
+    inputs: dict[str, str | dict[str, str]] = {}
     if config.model.backbone == "sd35":
-        return {}
-    from rsm_core.world.assets import world_fingerprint
+        from rsm_core.backbones.stable_diffusion import SD35_COMPONENTS, SD35_REPO, resolve_weights
 
-    return {"tiny_world": world_fingerprint()}
+        inputs["model"] = content_fingerprint(resolve_weights(config.model.path, SD35_COMPONENTS, SD35_REPO))
+    else:
+        from rsm_core.world.assets import world_fingerprint
+
+        inputs["tiny_world"] = world_fingerprint()
+    if "aesthetic" in [config.reward, *config.eval_extra]:
+        from reward_models.laion_aesthetic import default_head_path
+
+        head = default_head_path()
+        if head.is_file():  # without it the reward's loader stops, naming where to get it
+            inputs["aesthetic_head"] = content_fingerprint(head)
+    if config.prompts.source == "files":
+        files = {"train": config.prompts.train_file, "test": config.prompts.test_file}
+        for split, file in files.items():
+            if not Path(file).is_file():
+                raise ConfigError(f"prompts.{split}_file: no prompt file at {file!r}")
+        inputs["prompts"] = {split: content_fingerprint(Path(file)) for split, file in files.items()}
+    return inputs
 
 
 def training_device(accelerator, backbone: str, allow_cpu: bool) -> torch.device:

@@ -17,6 +17,7 @@ from rsm_core.records import (
     RunExistsError,
     RunRecord,
     atomic_write_text,
+    content_fingerprint,
     load_tensors,
     read_metrics,
     save_tensors_atomic,
@@ -193,3 +194,36 @@ def test_wandb_mirror_runs_offline_inside_the_run_directory(tmp_path: Path, monk
         run.finish()
     assert list((run.path / "wandb").rglob("offline-run-*")), "no offline wandb run under the run directory"
     assert read_metrics(run.path)[0]["note"] == "text is kept out of wandb"
+
+
+def test_content_fingerprints_see_content_names_and_the_ends_of_large_files(tmp_path: Path) -> None:
+    folder = tmp_path / "weights"
+    (folder / "transformer").mkdir(parents=True)
+    big = folder / "transformer" / "model.safetensors"
+    big.write_bytes(bytes(range(256)) * (3 * 4096 + 7))  # 3 MiB and a bit: sampled, not read whole
+    (folder / "transformer" / "config.json").write_text('{"num_layers": 24}')
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "download.metadata").write_text("fetched at 12:00")
+    before = content_fingerprint(folder)
+    assert content_fingerprint(folder) == before
+
+    (folder / ".cache" / "download.metadata").write_text("fetched at 13:00")
+    assert content_fingerprint(folder) == before, "hidden download metadata must not count"
+    (folder / "transformer" / "config.json").write_text('{"num_layers": 12}')
+    assert content_fingerprint(folder) != before
+    (folder / "transformer" / "config.json").write_text('{"num_layers": 24}')
+    data = bytearray(big.read_bytes())
+    data[-1] ^= 1  # the last tensor differs
+    big.write_bytes(bytes(data))
+    assert content_fingerprint(folder) != before
+    data[-1] ^= 1
+    big.write_bytes(bytes(data))
+    assert content_fingerprint(folder) == before
+    (folder / "transformer" / "config.json").rename(folder / "transformer" / "other.json")
+    assert content_fingerprint(folder) != before, "file names count"
+    head, moved = tmp_path / "head.pth", tmp_path / "elsewhere.pth"
+    head.write_bytes(b"abc")
+    moved.write_bytes(b"abc")
+    assert content_fingerprint(head) == content_fingerprint(moved)  # a file is its content
+    moved.write_bytes(b"abd")
+    assert content_fingerprint(head) != content_fingerprint(moved)

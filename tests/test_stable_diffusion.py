@@ -379,6 +379,30 @@ def test_an_exported_lora_loads_into_the_diffusers_pipeline(saved, name: str, tm
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_a_paper_run_records_fingerprints_of_its_weights_and_prompt_files(saved, tmp_path) -> None:
+    """inputs.json is what tells a sweep that a finished run used other weights or prompts."""
+    from experiments.run import ModelConfig, PromptConfig, RunConfig, run_inputs
+
+    weights = tmp_path / "sd35"
+    shutil.copytree(saved["sd35"], weights)
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("a cat\na dog\n")
+    test.write_text("a bird\n")
+    config = RunConfig(
+        model=ModelConfig(backbone="sd35", path=str(weights)),
+        prompts=PromptConfig(source="files", train_file=str(train), test_file=str(test)),
+    )
+    inputs = run_inputs(config)
+    assert set(inputs) == {"model", "prompts"} and set(inputs["prompts"]) == {"train", "test"}
+    assert run_inputs(config) == inputs
+    test.write_text("a fish\n")
+    assert run_inputs(config)["prompts"]["test"] != inputs["prompts"]["test"]
+    (weights / "transformer" / "config.json").write_text(
+        (weights / "transformer" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": 1')
+    )
+    assert run_inputs(config)["model"] != inputs["model"]
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 
