@@ -41,12 +41,26 @@ class Collectives:
 
     def reduce(self, tensor: Tensor, op: Literal["sum", "mean"]) -> Tensor:
         """The elementwise sum or mean over processes (the tensor itself with one process)."""
+        self._check(tensor)
+        if self.processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, op)
+
+    def gather(self, values: Tensor) -> Tensor:
+        """Every process's 1-D ``values`` (lengths may differ), concatenated in rank order."""
+        self._check(values)
+        if self.processes == 1:
+            return values
+        lengths = self.accelerator.gather(torch.tensor([values.numel()], device=self.device)).tolist()
+        padded = torch.zeros(max(lengths), dtype=values.dtype, device=self.device)
+        padded[: values.numel()] = values
+        rows = self.accelerator.gather(padded).view(self.processes, -1)
+        return torch.cat([row[:n] for row, n in zip(rows, lengths, strict=True)])
+
+    def _check(self, tensor: Tensor) -> None:
         if not on_device(tensor.device, self.device):
             raise WrongDevice(
                 f"a collective got a tensor on {tensor.device}, but the processes communicate on "
                 f"{self.device} (NCCL takes only CUDA tensors): create it with device=collectives.device "
                 f"or move it there with .to(collectives.device)"
             )
-        if self.processes == 1:
-            return tensor
-        return self.accelerator.reduce(tensor, op)

@@ -136,8 +136,9 @@ class Arm(Protocol):
     def batch_stats(self, batch: Any) -> dict[str, float]:
         """Means over the shard's rows (shards are averaged)."""
 
-    def evaluate(self) -> dict[str, float]:
-        """Evaluation with the weights currently loaded (the loop swaps the EMA in)."""
+    def evaluate(self, part: int, parts: int) -> dict[str, Tensor]:
+        """Per-item values (1-D) of this ``part`` of ``parts`` of the fixed test set, with the weights
+        currently loaded (the loop swaps the EMA in, gathers the parts and logs means and spreads)."""
 
     def state(self) -> dict[str, Any]:
         """JSON-able sampler state beyond the generator (e.g. how many prompt draws were made)."""

@@ -218,8 +218,15 @@ class Trainer:
         return swapped_in(params, emas)
 
     def evaluate(self) -> dict[str, float]:
+        """Every process evaluates its part of the test set; the row holds the mean and the spread
+        of each value over the whole set (``eval_<name>``, ``eval_<name>_std``)."""
         with self.budget.timer("eval"), self.evaluated_weights(), torch.no_grad():
-            return {f"eval_{k}": v for k, v in self.shards[0].evaluate().items()}
+            parts = self.shards[0].evaluate(self.rank, self.processes)
+        row: dict[str, float] = {}
+        for name, values in parts.items():
+            every = self.collectives.gather(values.to(self.collectives.device, torch.float64)).cpu()
+            row[f"eval_{name}"], row[f"eval_{name}_std"] = float(every.mean()), float(every.std())
+        return row
 
     # --- checkpoints ----------------------------------------------------------------------------
     def checkpoint_path(self, run_dir: Path) -> Path:
@@ -302,9 +309,7 @@ class Trainer:
             # rows an interrupted run logged after its last checkpoint are redone, not duplicated
             record.truncate_metrics(keep=lambda row: checkpoint.exists() and row["epoch"] <= self.epoch)
         if not checkpoint.exists():
-            row = {"epoch": 0, **self._budget_row()}
-            if self.is_main:
-                row |= self.evaluate()
+            row = {"epoch": 0, **self._budget_row(), **self.evaluate()}
             if record is not None:
                 record.log(row)
         bar = tqdm(
@@ -316,10 +321,8 @@ class Trainer:
         )
         while self.epoch < self.config.epochs:
             row = self.train_epoch()
-            if self.is_main and (
-                self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs
-            ):
-                row |= self.evaluate()
+            if self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs:
+                row |= self.evaluate()  # every process evaluates its part
             row = {"epoch": self.epoch, **self._budget_row(), **row}
             if record is not None:
                 record.log(row)

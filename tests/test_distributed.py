@@ -84,4 +84,7 @@ def test_two_processes_match_one_process_with_two_shards(
     single_row, double_row = (read_metrics(run)[-1] for run in (run_single, run_double))
     assert double_row["grad_norm"] == pytest.approx(single_row["grad_norm"], rel=1e-4)
     assert double_row["reward_mean"] == pytest.approx(single_row["reward_mean"], rel=1e-6)
+    # each process evaluated half of the test set; gathered, it is the whole set
+    assert double_row["eval_reward"] == pytest.approx(single_row["eval_reward"], rel=1e-6)
+    assert double_row["eval_kl"] == pytest.approx(single_row["eval_kl"], rel=1e-4, abs=1e-12)
     assert double_row["nfe"] == single_row["nfe"] and double_row["microbatches"] == single_row["microbatches"]

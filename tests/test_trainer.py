@@ -94,8 +94,8 @@ class TwoNetworkArm:
     def batch_stats(self, batch: Tensor) -> dict[str, float]:
         return {"batch_mean": float(batch.mean())}
 
-    def evaluate(self) -> dict[str, float]:
-        return {"policy_out": float(outputs(self.backbone, POLICY).mean())}
+    def evaluate(self, part: int, parts: int) -> dict[str, Tensor]:
+        return {"policy_out": outputs(self.backbone, POLICY).flatten(1).mean(1)}
 
     def state(self) -> dict:
         return {"draws": self.draws}
@@ -130,7 +130,7 @@ def test_evaluation_swaps_in_the_ema_only_where_one_is_kept(flow) -> None:
     assert any(not torch.equal(e, p) for e, p in zip(policy_ema, trained[0], strict=True))
     seen = {}
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(part: int, parts: int) -> dict[str, Tensor]:
         seen["policy"] = [p.detach().clone() for p in trainer.groups[0].params]
         seen["value"] = [p.detach().clone() for p in trainer.groups[1].params]
         return {}
@@ -266,3 +266,27 @@ def test_a_model_left_on_the_cpu_under_a_gpu_accelerator_fails_at_the_first_coll
     trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, RecordingAccelerator("meta"))
     with pytest.raises(WrongDevice, match="tensor on cpu"):
         trainer.train_epoch()
+
+
+class TwoRanks:
+    """Rank 0 of two processes whose other rank holds ``other``: enough of accelerate's gather."""
+
+    device, num_processes, process_index = torch.device("cpu"), 2, 0
+
+    def __init__(self, other: Tensor) -> None:
+        self.other = other
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        if tensor.dtype == torch.int64:  # the lengths
+            return torch.cat([tensor, torch.tensor([self.other.numel()])])
+        other = torch.zeros_like(tensor)
+        other[: self.other.numel()] = self.other
+        return torch.cat([tensor, other])
+
+
+def test_gather_concatenates_parts_of_different_lengths_in_rank_order() -> None:
+    collectives = Collectives(TwoRanks(torch.tensor([7.0, 8.0, 9.0], dtype=torch.float64)))
+    gathered = collectives.gather(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert gathered.tolist() == [1.0, 2.0, 7.0, 8.0, 9.0]
+    with pytest.raises(WrongDevice):
+        Collectives(RecordingAccelerator("cuda:0")).gather(torch.zeros(2))

@@ -152,3 +152,43 @@ def test_the_reference_output_is_computed_once_per_epoch_and_is_the_frozen_model
         direct = native(batch.trunk[p, s], arm.times[s], arm.backbone.encode([batch.prompts[i] for i in p]),
                         cfg=arm.config.cfg, adapter=None)  # fmt: skip
     torch.testing.assert_close(batch.reference[p, s], direct)
+
+
+def smoke_arm(*overrides: str):
+    from experiments.run import RunConfig, build_arm
+    from rsm_core.config import load_config
+
+    return build_arm(load_config(RunConfig, "experiments/configs/run/smoke.yaml", overrides=list(overrides)))
+
+
+def test_evaluation_split_over_processes_gives_the_whole_sets_values() -> None:
+    """Each process evaluates a contiguous part of the test set with the whole set's noise, so the
+    parts, concatenated, are the single process's values, whatever the split and the batch size."""
+    arm = smoke_arm("arm.eval_batch=3", "arm.eval_images_per_prompt=2", "prompts.eval_prompts=4")
+    with torch.no_grad():
+        whole = arm.evaluate(0, 1)
+        parts = [arm.evaluate(p, 3) for p in range(3)]  # 8 images: 2 + 3 + 3
+    assert [len(p["reward"]) for p in parts] == [2, 3, 3]
+    assert set(whole) == {"reward", "kl"} and len(whole["reward"]) == 8
+    for name in whole:
+        torch.testing.assert_close(torch.cat([p[name] for p in parts]), whole[name], rtol=1e-5, atol=1e-6)
+    assert whole["reward"].std() > 0  # different images, not one repeated
+
+
+def test_decoding_in_chunks_scores_like_decoding_at_once() -> None:
+    from rsm_core.scoring import decode_and_score
+
+    arm = smoke_arm()
+    latents = torch.randn(5, *arm.backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts = [m["prompt"] for m in arm.eval_prompts[:5]]
+    metas = arm.eval_prompts[:5]
+    calls = []
+
+    def reward(images, prompts, metas):
+        calls.append(len(images))
+        return arm.reward(images, prompts, metas)
+
+    chunked = decode_and_score(arm.backbone, {"r": reward}, latents, prompts, metas, chunk=2)["r"]
+    assert calls == [2, 2, 1]
+    at_once = decode_and_score(arm.backbone, {"r": reward}, latents, prompts, metas, chunk=12)["r"]
+    torch.testing.assert_close(chunked, at_once, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from rsm_core.budget import Budget
 from rsm_core.config import require
 from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
 from rsm_core.rollout import branching_rollout
+from rsm_core.scoring import decode_and_score
 from rsm_core.transitions import Transitions
 
 
@@ -39,10 +40,12 @@ class ZOBranchConfig:
     collection_batch: int = 4  # parents per sampling call
     microbatch_rows: int = 108  # rows per policy microbatch (latent_chunk_size 12 x 9 steps)
     chunk: int = 12  # rows per model call in the rollout
+    decode_chunk: int = 12  # images per VAE decode and reward call (published 12; memory only)
     adv_std_eps: float = 1e-4
     # GenEval redesign: a KL-to-reference row at each parent's ODE state of every k = 0 step
     ode_anchors: bool = False
     eval_steps: int = 40
+    eval_batch: int = 16  # test images per sampling call and process (published 16 per GPU)
     # images per test prompt: 1 for Pick-a-Pic (Figure 3), 4 for GenEval's test metadata (spec §12)
     eval_images_per_prompt: int = 1
     eval_seed: int = 1234
@@ -62,8 +65,9 @@ class ZOBranchConfig:
         )
         for name in ("sampler_steps", "prompts_per_epoch", "seeds_per_prompt", "collection_batch"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("microbatch_rows", "chunk", "eval_steps", "eval_images_per_prompt"):
+        for name in ("microbatch_rows", "chunk", "decode_chunk", "eval_steps", "eval_batch"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be at least 1")
         require(self.noise_level > 0, "noise_level", "must be positive (the SDE children need noise)")
         require(self.adv_std_eps > 0, "adv_std_eps", "must be positive")
         steps = len(
@@ -199,8 +203,12 @@ class ZOBranchArm:
         prompts = [m["prompt"] for m in metas]
         parent = torch.cat([out.parent + off for out, off in parts])
         with budget.timer("reward"):
-            images = torch.cat([self.backbone.decode(out.final) for out, _ in parts])
-            reward = self.reward(images, [prompts[p] for p in parent], [metas[p] for p in parent]).float()
+            finals = torch.cat([out.final for out, _ in parts])
+            row_prompts, row_metas = [prompts[p] for p in parent], [metas[p] for p in parent]
+            rewards = {"reward": self.reward}
+            reward = decode_and_score(
+                self.backbone, rewards, finals, row_prompts, row_metas, config.decode_chunk
+            )["reward"]
             budget.reward_calls += reward.numel()
         step = torch.cat([out.step for out, _ in parts])
         group = self._group(parent, step)
@@ -338,25 +346,34 @@ class ZOBranchArm:
         }
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """ODE samples of the fixed eval prompts (``eval_images_per_prompt`` each): mean reward, and
-        the KL of the policy's SDE kernels to the reference's along the sampler's ODE trajectory
-        (exact per-element KL summed over the trained steps: a clean KL, not the published
-        eval_kl_divergence)."""
+    def evaluate(self, part: int = 0, parts: int = 1) -> dict[str, Tensor]:
+        """Per test image of this ``part`` of ``parts`` (a contiguous slice of the fixed test set,
+        ``eval_images_per_prompt`` images per prompt), in sampling calls of ``eval_batch``: the reward
+        of its ODE sample, every extra reward, and the KL of the policy's SDE kernels to the
+        reference's along the sampler's ODE trajectory (exact per-element KL summed over the trained
+        steps: a clean KL, not the published eval_kl_divergence). The initial noise of the whole set
+        is drawn on every process, so the values do not depend on how it is split."""
         config = self.config
         metas = [m for m in self.eval_prompts for _ in range(config.eval_images_per_prompt)]
-        prompts = [m["prompt"] for m in metas]
         generator = (
             torch.Generator().manual_seed(config.eval_seed) if config.eval_fixed_noise else self.generator
         )
-        start = torch.randn(len(prompts), *self.backbone.latent_shape, generator=generator)
-        images = self.backbone.decode(
-            self.backbone.sample_ode(prompts, config.eval_steps, config.cfg, start=start)
-        )
-        reward = self.reward(images, prompts, metas)
-        extra = {
-            name: float(fn(images, prompts, metas).float().mean()) for name, fn in self.eval_extra.items()
+        noise = torch.randn(len(metas), *self.backbone.latent_shape, generator=generator)
+        mine = range(part * len(metas) // parts, (part + 1) * len(metas) // parts)
+        values: dict[str, list[Tensor]] = {"reward": [], "kl": [], **{name: [] for name in self.eval_extra}}
+        for first in range(mine.start, mine.stop, config.eval_batch):
+            batch = slice(first, min(first + config.eval_batch, mine.stop))
+            for name, scores in self._evaluate_batch(metas[batch], noise[batch]).items():
+                values[name].append(scores)
+        return {
+            name: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for name, v in values.items()
         }
+
+    def _evaluate_batch(self, metas: list[dict], start: Tensor) -> dict[str, Tensor]:
+        config, prompts = self.config, [m["prompt"] for m in metas]
+        latents = self.backbone.sample_ode(prompts, config.eval_steps, config.cfg, start=start)
+        rewards = {"reward": self.reward, **self.eval_extra}
+        scores = decode_and_score(self.backbone, rewards, latents, prompts, metas, config.decode_chunk)
         kl = torch.zeros(len(prompts), dtype=torch.float64)
         cond, trained = self.backbone.encode(prompts), len(self.profile.k)
 
@@ -368,12 +385,7 @@ class ZOBranchArm:
         self.backbone.sample_ode(
             prompts, config.sampler_steps, config.cfg, start=start, observe=add_kl, until=trained
         )
-        return {
-            "reward": float(reward.mean()),
-            "reward_std": float(reward.std()),
-            "kl": float(kl.mean()),
-            **extra,
-        }
+        return {name: value.double() for name, value in scores.items()} | {"kl": kl}
 
     # --- resume ---------------------------------------------------------------------------------
     def state(self) -> dict:
