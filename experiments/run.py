@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -214,8 +215,10 @@ def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = 
     return backbone
 
 
-def reward_functions(config: RunConfig) -> dict[str, Reward]:
-    """Every reward the run names (training and extra evaluation), with a clear error for the others."""
+def reward_functions(config: RunConfig, device: str | torch.device = "cpu") -> dict[str, Reward]:
+    """Every reward the run names (training and extra evaluation), with a clear error for the others.
+    Reward networks run on ``device``: under accelerate each process has one CPU thread, and the
+    LAION predictor on it took about an hour per paper epoch."""
     names = [config.reward, *config.eval_extra]
     available: dict[str, Reward] = {}
     if config.model.backbone == "tiny-flow":
@@ -233,7 +236,7 @@ def reward_functions(config: RunConfig) -> dict[str, Reward]:
     if "aesthetic" in names:  # the LAION aesthetic predictor (CLIP ViT-L/14 + MLP head), paper scale
         from reward_models.laion_aesthetic import LAIONAesthetic
 
-        available["aesthetic"] = LAIONAesthetic()
+        available["aesthetic"] = LAIONAesthetic(device=device)
     missing = [name for name in names if name not in available]
     if missing:
         raise ConfigError(
@@ -256,7 +259,7 @@ class Parts:
 def build_parts(config: RunConfig, device: str | torch.device = "cpu") -> Parts:
     backbone = build_backbone(config.model, config.seed, device)
     train, test = prompt_sets(config.prompts)
-    return Parts(backbone, reward_functions(config), train, test)
+    return Parts(backbone, reward_functions(config, device), train, test)
 
 
 def build_arm(
@@ -348,7 +351,7 @@ def run(
         torch.set_num_threads(settings.threads)
     accelerator = accelerator_if_launched()
     device = training_device(accelerator, settings.model.backbone, allow_cpu)
-    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    rank = accelerator.process_index if accelerator else 0
     record = (
         RunRecord.create_or_resume(
             runs_dir, name, OmegaConf.structured(settings), wandb=settings.wandb, inputs=run_inputs(settings)
@@ -360,24 +363,51 @@ def run(
         accelerator.wait_for_everyone()  # the run directory exists before any process uses it
     started = time.perf_counter()
     try:
-        parts = build_parts(settings, device)
-        world = processes * settings.shards
-        shards = [
-            build_arm(resolved, parts, rank=rank * settings.shards + s, world=world)
-            for s in range(settings.shards)
-        ]
-        trainer = Trainer(shards, settings.loop, accelerator)
-        trainer.run(Path(runs_dir) / name, record, progress=progress)
-        if record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
-            with trainer.evaluated_weights():
-                export_lora(parts.backbone.model, POLICY, Path(runs_dir) / name / "lora")
+        epochs = _train(resolved, accelerator, device, record, Path(runs_dir) / name, progress)
     except BaseException as error:
         if record is not None:
             record.fail(error)
         raise
+    finally:
+        release_memory()
     if record is not None:
-        record.finish({"epochs": trainer.epoch, "seconds": round(time.perf_counter() - started, 1)})
+        record.finish({"epochs": epochs, "seconds": round(time.perf_counter() - started, 1)})
     return Path(runs_dir) / name
+
+
+def _train(
+    resolved: Sections,
+    accelerator,
+    device: torch.device,
+    record: RunRecord | None,
+    run_dir: Path,
+    progress: bool,
+) -> int:
+    """Build the run's parts and train them; returns the epochs done. Everything it builds is local,
+    so release_memory can free it when it returns."""
+    settings = resolved.run
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    parts = build_parts(settings, device)
+    world = processes * settings.shards
+    shards = [
+        build_arm(resolved, parts, rank=rank * settings.shards + s, world=world)
+        for s in range(settings.shards)
+    ]
+    trainer = Trainer(shards, settings.loop, accelerator)
+    trainer.run(run_dir, record, progress=progress)
+    if record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
+        with trainer.evaluated_weights():
+            export_lora(parts.backbone.model, POLICY, run_dir / "lora")
+    return trainer.epoch
+
+
+def release_memory() -> None:
+    """Free what a finished run built before the next run of a sweep loads its own: the backbone and
+    its arms hold reference cycles, which Python's collector frees only when Python objects (not GPU
+    bytes) pile up, so a 30 GiB pipeline would outlive its run."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,3 +205,15 @@ def test_head_with_wrong_keys_or_shapes(clip_dir, tmp_path):
     torch.save({"layers": AestheticHead(PROJECTION)}, path)  # a pickled module: refused by weights_only
     with pytest.raises(AssetError, match="could not read head weights"):
         LAIONAesthetic(str(clip_dir), str(path))
+
+
+def test_a_run_builds_the_aesthetic_reward_on_its_training_device(monkeypatch) -> None:
+    """accelerate gives each process one CPU thread: a reward left on the CPU took an hour per epoch."""
+    import reward_models.laion_aesthetic as laion
+    from experiments.run import ModelConfig, RunConfig, reward_functions
+
+    devices = []
+    monkeypatch.setattr(laion, "LAIONAesthetic", lambda device="cpu": devices.append(device) or "scorer")
+    config = RunConfig(model=ModelConfig(backbone="sd35"), reward="aesthetic", wandb=False)
+    assert reward_functions(config, device="cuda:1") == {"aesthetic": "scorer"}
+    assert devices == ["cuda:1"]
