@@ -55,10 +55,15 @@ class ModelConfig:
     # module-name suffixes the adapter wraps; empty: the backbone's published list (SD3.5-M: the
     # joint-attention projections of TempFlow-GRPO, rsm_core.backbones.architectures)
     lora_targets: list[str] = field(default_factory=list)
+    t5_max_length: int = 128  # sd35: T5 tokens of the prompt embeddings, as published
+    # sd35: prompt embeddings on disk (make paper-embeddings fills it); the text encoders are freed
+    # once every prompt of the run is there
+    embedding_cache: str = "~/.cache/rsm_bench/prompt-embeddings"
 
     def __post_init__(self) -> None:
         require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        require(self.t5_max_length >= 1, "t5_max_length", "must be at least 1")
 
 
 @dataclass
@@ -196,14 +201,24 @@ def prompt_sets(config: PromptConfig) -> tuple[list[dict], list[dict]]:
     return train, test[: config.eval_prompts] if config.eval_prompts else test
 
 
+def load_sd35(config: ModelConfig, device: str | torch.device):
+    """SD3.5-M from local weights, with the published T5 length and the disk cache of embeddings."""
+    from rsm_core.backbones.stable_diffusion import SD35
+
+    return SD35(
+        config.path,
+        device=device,
+        max_sequence_length=config.t5_max_length,
+        cache_dir=Path(config.embedding_cache).expanduser(),
+    )
+
+
 def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Backbone:
     """The backbone with a fresh policy LoRA adapter drawn from ``seed`` (the same on every process).
     The tiny world runs on the CPU; SD3.5-M on ``device`` (samplers keep their states on the CPU and
     the backbone moves inputs and outputs)."""
     if config.backbone == "sd35":
-        from rsm_core.backbones.stable_diffusion import SD35
-
-        backbone = SD35(config.path, device=device)
+        backbone = load_sd35(config, device)
     else:
         from rsm_core.world.assets import load_backbones
 
@@ -259,7 +274,15 @@ class Parts:
 def build_parts(config: RunConfig, device: str | torch.device = "cpu") -> Parts:
     backbone = build_backbone(config.model, config.seed, device)
     train, test = prompt_sets(config.prompts)
+    if config.model.backbone == "sd35":  # every prompt embedded on disk, then the text encoders go
+        backbone.precompute(run_prompts(train, test))
+        backbone.drop_text_encoders()
     return Parts(backbone, reward_functions(config, device), train, test)
+
+
+def run_prompts(train: list[dict], test: list[dict]) -> list[str]:
+    """Every prompt a run conditions on: its train and test prompts and the empty one of CFG."""
+    return list(dict.fromkeys([m["prompt"] for m in train + test] + [""]))
 
 
 def build_arm(

@@ -403,6 +403,67 @@ def test_a_paper_run_records_fingerprints_of_its_weights_and_prompt_files(saved,
     assert run_inputs(config)["model"] != inputs["model"]
 
 
+def test_precomputed_embeddings_let_the_text_encoders_go(saved, tmp_path) -> None:
+    backbone = _load(saved, "sd35", cache_dir=tmp_path / "cache")
+    with torch.no_grad():
+        expected = backbone._encode_prompts([*PROMPTS, ""])
+    assert backbone.precompute([*PROMPTS, "", PROMPTS[0]], batch=2) == 3
+    assert len(list((tmp_path / "cache").iterdir())) == 3 and not backbone._cache  # on disk only
+    assert backbone.precompute(PROMPTS) == 0
+    backbone.drop_text_encoders()
+    assert all(getattr(backbone.pipe, name) is None for name in backbone.TEXT_ENCODERS)
+    cond = backbone.encode([PROMPTS[1], ""])
+    torch.testing.assert_close(cond.tokens, expected.tokens[1:])
+    assert cond.tokens.shape[1] == CLIP_LENGTH + T5_LENGTH  # CLIP tokens, then T5 at its max length
+    with pytest.raises(AssetError, match=r"'a bird'; .*\(make paper-embeddings\)"):
+        backbone.encode(["a bird"])
+
+
+def test_the_memory_cache_of_a_paper_backbone_is_bounded(saved, monkeypatch) -> None:
+    backbone = _load(saved, "sd35")
+    monkeypatch.setattr(backbone, "memory_cache_prompts", 2)
+    backbone.encode(["a cat"])
+    backbone.encode(["a dog", "a bird"])
+    assert list(backbone._cache) == ["a dog", "a bird"]
+    backbone.encode(["a dog", "a fish"])  # the least recently used goes
+    assert list(backbone._cache) == ["a dog", "a fish"]
+
+
+def test_runs_embed_t5_at_the_published_length() -> None:
+    from experiments.run import ModelConfig
+
+    assert ModelConfig().t5_max_length == 128
+
+
+def test_make_paper_embeddings_fills_the_cache_a_run_reads(saved, tmp_path, capsys) -> None:
+    from experiments import embeddings
+
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("a cat\na dog\n")
+    test.write_text("a dog\na bird\n")
+    cache = tmp_path / "embeddings"
+    settings = [
+        f"run.model.path={saved['sd35']}",
+        f"run.model.embedding_cache={cache}",
+        f"run.model.t5_max_length={T5_LENGTH}",
+        f"run.prompts.train_file={train}",
+        f"run.prompts.test_file={test}",
+    ]
+    command = [
+        "--figure",
+        "fig3",
+        "--scale",
+        "paper",
+        "--allow-cpu",
+        *(x for s in settings for x in ("--set", s)),
+    ]
+    embeddings.main(command)
+    assert "4 prompts embedded, 0 were already" in capsys.readouterr().out  # 3 distinct and ""
+    assert len(list(cache.iterdir())) == 4
+    embeddings.main(command)
+    assert "0 prompts embedded, 4 were already" in capsys.readouterr().out
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 

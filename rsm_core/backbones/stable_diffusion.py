@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from rsm_core.backbones.architectures import SD35_JOINT_ATTENTION
 from rsm_core.backbones.base import BackboneBase, FlowSpec
@@ -161,6 +162,8 @@ class _DiffusersBackbone(BackboneBase):
     """Device/dtype handling, frozen components and the disk cache shared by SD35 and SD15."""
 
     latent_multiple: int  # the resolution must be a multiple of this (VAE factor x denoiser stride)
+    memory_cache_prompts = 256  # a few epochs' prompts; everything else comes from the disk cache
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype, resolution: int) -> None:
         super().__init__()
@@ -173,6 +176,7 @@ class _DiffusersBackbone(BackboneBase):
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.resolution = resolution
         self._disk: PromptCache | None = None
+        self.text_encoders_dropped = False
 
     def _check_resolution(self) -> None:
         if self.resolution % self.latent_multiple:
@@ -202,6 +206,11 @@ class _DiffusersBackbone(BackboneBase):
                 if cond is not None:
                     found[prompt] = self._to_device(cond)
         todo = [p for p in dict.fromkeys(prompts) if p not in found]
+        if todo and self.text_encoders_dropped:
+            raise AssetError(
+                f"{len(todo)} prompt(s) were not embedded before the text encoders were freed, e.g. "
+                f"{todo[0]!r}; precompute every prompt of the run (make paper-embeddings) first"
+            )
         if todo:
             fresh = self._encode_prompts(todo)
             for i, prompt in enumerate(todo):
@@ -209,6 +218,34 @@ class _DiffusersBackbone(BackboneBase):
                 if self._disk is not None:
                     self._disk.save(prompt, found[prompt])
         return Cond.cat([found[p] for p in prompts])
+
+    def precompute(self, prompts: Sequence[str], batch: int = 32) -> int:
+        """Embed every prompt not yet in the disk cache, ``batch`` at a time, without keeping them in
+        memory; returns how many were computed."""
+        if self._disk is None:
+            raise ValueError("precompute needs a disk cache (cache_dir) to write the embeddings to")
+        todo = [p for p in dict.fromkeys(prompts) if not self._disk.path(p).is_file()]
+        for start in tqdm(
+            range(0, len(todo), batch), desc="prompt embeddings", unit="batch", disable=not todo
+        ):
+            chunk = todo[start : start + batch]
+            with torch.no_grad():
+                cond = self._encode_prompts(chunk)
+            for i, prompt in enumerate(chunk):
+                self._disk.save(prompt, cond[i : i + 1])
+        return len(todo)
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders (T5-XXL alone is about 9 GiB in half precision) once every prompt
+        of the run is on disk; an unseen prompt is then an error that names it."""
+        if self._disk is None:
+            raise ValueError("without a disk cache the text encoders are still needed")
+        for name in self.TEXT_ENCODERS:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        self.text_encoders_dropped = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _to_device(self, cond: Cond) -> Cond:
         return Cond(
