@@ -56,6 +56,10 @@ class ModelConfig:
     # joint-attention projections of TempFlow-GRPO, rsm_core.backbones.architectures)
     lora_targets: list[str] = field(default_factory=list)
     t5_max_length: int = 128  # sd35: T5 tokens of the prompt embeddings, as published
+    # sd35: fp16 / bf16 = frozen weights in that dtype, LoRA fp32, autocast forward, TF32 (paper
+    # configs: fp16 with gradient checkpointing, as published; see rsm_core.backbones.stable_diffusion)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
     # sd35: prompt embeddings on disk (make paper-embeddings fills it); the text encoders are freed
     # once every prompt of the run is there
     embedding_cache: str = "~/.cache/rsm_bench/prompt-embeddings"
@@ -210,6 +214,8 @@ def load_sd35(config: ModelConfig, device: str | torch.device):
         device=device,
         max_sequence_length=config.t5_max_length,
         cache_dir=Path(config.embedding_cache).expanduser(),
+        precision=config.precision,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 
@@ -416,7 +422,7 @@ def _train(
         build_arm(resolved, parts, rank=rank * settings.shards + s, world=world)
         for s in range(settings.shards)
     ]
-    trainer = Trainer(shards, settings.loop, accelerator)
+    trainer = Trainer(shards, settings.loop, accelerator, loss_scaling=settings.model.precision == "fp16")
     trainer.run(run_dir, record, progress=progress)
     if record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
         with trainer.evaluated_weights():

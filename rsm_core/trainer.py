@@ -98,9 +98,13 @@ def swapped_in(parameters: Sequence[nn.Parameter], values: Sequence[Tensor]) -> 
 
 
 class Trainer:
-    def __init__(self, shards: Sequence[Arm], config: LoopConfig, accelerator: Any = None) -> None:
+    def __init__(
+        self, shards: Sequence[Arm], config: LoopConfig, accelerator: Any = None, loss_scaling: bool = False
+    ) -> None:
         """``shards``: this process's arms (sharing one backbone); ``accelerator``: an accelerate
-        Accelerator when several processes train together, else None."""
+        Accelerator when several processes train together, else None; ``loss_scaling``: dynamic loss
+        scaling for fp16 forwards (as accelerate's fp16 mode does in the published code), so small
+        gradients do not underflow; a step whose gradients overflow is skipped."""
         self.shards, self.config = list(shards), config
         self.collectives = Collectives(accelerator)
         self.processes, self.rank = self.collectives.processes, self.collectives.rank
@@ -113,6 +117,7 @@ class Trainer:
             betas=tuple(config.betas),
             eps=config.adam_eps,
         )
+        self.scaler = torch.amp.GradScaler(self.collectives.device.type) if loss_scaling else None
         self.budget = Budget()
         self.epoch = 0
         self.optimizer_steps = 0
@@ -158,17 +163,24 @@ class Trainer:
                 for arm, plan in zip(self.shards, plans, strict=True):
                     for microbatch in plan[update * accumulation : (update + 1) * accumulation]:
                         loss, stats = arm.loss(microbatch)
-                        (loss / divisor).backward()
+                        share = loss / divisor
+                        (self.scaler.scale(share) if self.scaler else share).backward()
                         for key, value in stats.items():
                             totals[key] = totals.get(key, 0.0) + value / local_microbatches
                 self._synchronise_gradients()
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)  # clip and log the true gradients
                 for group in self.groups:
                     norm = self._clip(group)
                     key = "grad_norm" if group is self.groups[0] else f"grad_norm_{group.spec.name}"
                     totals[key] = totals.get(key, 0.0) + norm / updates
                 if self.config.ema_timing == "before_step":
                     self._update_ema(accumulation)
-                self.optimizer.step()
+                if self.scaler:
+                    self.scaler.step(self.optimizer)  # skipped if a gradient is inf or nan
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.config.ema_timing == "after_step":
                     self._update_ema(accumulation)
@@ -252,6 +264,7 @@ class Trainer:
             "adam_keys": {str(i): sorted(state) for i, state in optimizer["state"].items()},
             "budget": self.budget.state(),
             "shards": [arm.state() for arm in self.shards],
+            "scaler": self.scaler.state_dict() if self.scaler else None,
         }
         save_tensors_atomic(path, tensors, {"bookkeeping": json.dumps(bookkeeping)})
 
@@ -288,6 +301,8 @@ class Trainer:
         self.epoch = bookkeeping["epoch"]
         self.optimizer_steps = bookkeeping["optimizer_steps"]
         self.budget = Budget.from_state(bookkeeping["budget"])
+        if self.scaler:
+            self.scaler.load_state_dict(bookkeeping["scaler"])
 
     # --- the run --------------------------------------------------------------------------------
     def _budget_row(self) -> dict[str, float]:

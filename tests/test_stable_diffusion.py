@@ -464,6 +464,48 @@ def test_make_paper_embeddings_fills_the_cache_a_run_reads(saved, tmp_path, caps
     assert "0 prompts embedded, 4 were already" in capsys.readouterr().out
 
 
+def saved_activation_bytes(backbone, x, t, cond) -> int:
+    """Bytes the autograd graph of one training forward keeps for the backward pass."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        backbone.native(x, t, cond).pow(2).mean().backward()
+    return total
+
+
+def test_half_precision_keeps_lora_fp32_and_checkpointing_cuts_saved_activations(saved) -> None:
+    """The paper path's precision on the CPU with bf16 (fp16 autocast needs a GPU): frozen denoiser
+    and text encoders in bf16, LoRA and outputs fp32, VAE fp32; gradients reach the adapter."""
+    plain = _load(saved, "sd35", precision="bf16")
+    checkpointed = _load(saved, "sd35", precision="bf16", gradient_checkpointing=True)
+    for backbone in (plain, checkpointed):
+        torch.manual_seed(0)
+        backbone.add_lora(rank=2, alpha=4.0)
+        assert {p.dtype for p in backbone.adapter_parameters()} == {torch.float32}
+        frozen = {p.dtype for n, p in backbone.model.named_parameters() if "lora_" not in n}
+        assert frozen == {torch.bfloat16}
+        assert {p.dtype for p in backbone.vae.parameters()} == {torch.float32}
+    torch.manual_seed(3)
+    x, t = torch.randn(2, *plain.latent_shape), _time(plain)
+    cond = plain.encode(PROMPTS)
+    assert cond.tokens.dtype == torch.bfloat16
+    out = plain.native(x, t, cond, cfg=4.5)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert plain.decode(x).dtype == torch.float32
+    full = saved_activation_bytes(plain, x, t, cond)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in plain.adapter_parameters())
+    reduced = saved_activation_bytes(checkpointed, x, t, checkpointed.encode(PROMPTS))
+    assert reduced < full / 2, (reduced, full)
+    torch.testing.assert_close(
+        [p.grad for p in checkpointed.adapter_parameters()], [p.grad for p in plain.adapter_parameters()]
+    )
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 

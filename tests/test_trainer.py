@@ -290,3 +290,44 @@ def test_gather_concatenates_parts_of_different_lengths_in_rank_order() -> None:
     assert gathered.tolist() == [1.0, 2.0, 7.0, 8.0, 9.0]
     with pytest.raises(WrongDevice):
         Collectives(RecordingAccelerator("cuda:0")).gather(torch.zeros(2))
+
+
+def test_loss_scaling_gives_the_unscaled_update_and_skips_an_overflowing_step(flow) -> None:
+    """fp16 forwards need dynamic loss scaling; the scale is a power of two, so in fp32 the scaled,
+    then unscaled, gradients and hence the update are exactly the plain ones."""
+    adapters = flow.adapter_parameters(POLICY) + flow.adapter_parameters("value")
+    weights = [p.detach().clone() for p in adapters]
+
+    def trained(loss_scaling: bool) -> tuple[list[Tensor], float, Trainer]:
+        with torch.no_grad():
+            for p, w in zip(adapters, weights, strict=True):
+                p.copy_(w)
+        trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, loss_scaling=loss_scaling)
+        row = trainer.train_epoch()
+        return [p.detach().clone() for p in trainer.params], row["grad_norm"], trainer
+
+    plain, plain_norm, _ = trained(False)
+    scaled, scaled_norm, trainer = trained(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled, strict=True))
+    assert scaled_norm == plain_norm  # clipping and logging see the unscaled gradients
+
+    scale = trainer.scaler.get_scale()
+    arm = trainer.shards[0]
+    original_loss = arm.loss
+    arm.loss = lambda mb: (original_loss(mb)[0] * float("inf"), {})
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True)), (
+        "an inf step was taken"
+    )
+    assert trainer.scaler.get_scale() < scale  # the scale backed off
+
+
+def test_a_checkpoint_keeps_the_loss_scale(flow, tmp_path: Path) -> None:
+    trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, loss_scaling=True)
+    trainer.train_epoch()
+    trainer.scaler.update(new_scale=1024.0)  # not the initial 65536
+    trainer.save(tmp_path / "checkpoint.safetensors")
+    resumed = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP, loss_scaling=True)
+    resumed.load(tmp_path / "checkpoint.safetensors")
+    assert resumed.scaler.get_scale() == trainer.scaler.get_scale() == 1024.0

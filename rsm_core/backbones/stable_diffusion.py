@@ -17,15 +17,19 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from rsm_core.backbones.architectures import SD35_JOINT_ATTENTION
-from rsm_core.backbones.base import BackboneBase, FlowSpec
+from rsm_core.backbones.base import POLICY, BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -159,24 +163,59 @@ class PromptCache:
 
 
 class _DiffusersBackbone(BackboneBase):
-    """Device/dtype handling, frozen components and the disk cache shared by SD35 and SD15."""
+    """Device and precision, frozen components and the disk cache shared by SD35 and SD15.
+
+    ``precision`` fp16 / bf16: the frozen denoiser and text encoders are stored in that dtype, the LoRA
+    weights in fp32, the denoiser's forward runs under autocast and returns fp32, the VAE stays fp32
+    and TF32 matmuls are on (as published). Deviation (named by the setting): the published code keeps
+    the frozen weights in fp32 under fp16 autocast; autocast computes in half precision either way, and
+    half-precision storage saves 4.5 GiB of SD3.5-M weights per GPU. ``gradient_checkpointing``
+    recomputes the denoiser's blocks in the backward pass instead of keeping their activations.
+    """
 
     latent_multiple: int  # the resolution must be a multiple of this (VAE factor x denoiser stride)
     memory_cache_prompts = 256  # a few epochs' prompts; everything else comes from the disk cache
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype, resolution: int) -> None:
+    def __init__(self, pipe, device: str | torch.device, precision: Precision, resolution: int) -> None:
         super().__init__()
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = torch.device(device), PRECISIONS[precision]
+        self.autocast_dtype = None if precision == "fp32" else self.dtype
         self.pipe = pipe.to(self.device)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()  # LoRA is the only trainable part
-        self.vae = pipe.vae
+        self.vae = pipe.vae.to(torch.float32)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.resolution = resolution
         self._disk: PromptCache | None = None
         self.text_encoders_dropped = False
+
+    def _set_model(self, model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+        self.model = model
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled)
+
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float,
+        init: str | bool = "gaussian",
+        name: str = POLICY,
+        targets: Sequence[str] = (),
+    ) -> None:
+        """As the base class; the adapter's weights are fp32 whatever the frozen weights' dtype."""
+        super().add_lora(rank, alpha, init, name, targets)
+        with torch.no_grad():
+            for p in self.adapter_parameters(name):
+                p.data = p.data.float()
 
     def _check_resolution(self) -> None:
         if self.resolution % self.latent_multiple:
@@ -262,7 +301,7 @@ class _DiffusersBackbone(BackboneBase):
 
     def _decode_scaled(self, z: Tensor) -> Tensor:
         """VAE latents (already unscaled) -> images in [0, 1], differentiable in z."""
-        images = self.vae.decode(self._in(z)).sample
+        images = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
         return (images / 2 + 0.5).clamp(0, 1).to(z.device, z.dtype)
 
     def _in(self, x: Tensor) -> Tensor:
@@ -284,14 +323,15 @@ class SD35(_DiffusersBackbone):
         max_sequence_length: int = 256,
         cache_dir: Path | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         from diffusers import StableDiffusion3Pipeline
 
         root = resolve_weights(path, SD35_COMPONENTS, SD35_REPO)
-        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, dtype)
-        super().__init__(pipe, device, dtype, resolution)
-        self.model = pipe.transformer
+        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, PRECISIONS[precision])
+        super().__init__(pipe, device, precision, resolution)
+        self._set_model(pipe.transformer, gradient_checkpointing)
         self.max_sequence_length = max_sequence_length
         config = pipe.scheduler.config
         self.flow = FlowSpec(
@@ -316,12 +356,13 @@ class SD35(_DiffusersBackbone):
         return Cond(tokens.to(self.dtype), mask, pooled.to(self.dtype))
 
     def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        out = self.model(
-            self._in(x),
-            encoder_hidden_states=cond.tokens,
-            pooled_projections=cond.pooled,
-            timestep=timestep.to(self.device),
-        ).sample
+        with self._autocast():
+            out = self.model(
+                self._in(x),
+                encoder_hidden_states=cond.tokens,
+                pooled_projections=cond.pooled,
+                timestep=timestep.to(self.device),
+            ).sample
         return out.to(x.device, x.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -339,7 +380,8 @@ class SD15(_DiffusersBackbone):
         resolution: int = 512,
         cache_dir: Path | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         from diffusers import StableDiffusionPipeline
 
@@ -348,12 +390,12 @@ class SD15(_DiffusersBackbone):
             StableDiffusionPipeline,
             root,
             SD15_REPO,
-            dtype,
+            PRECISIONS[precision],
             safety_checker=None,
             requires_safety_checker=False,
         )
-        super().__init__(pipe, device, dtype, resolution)
-        self.model = pipe.unet
+        super().__init__(pipe, device, precision, resolution)
+        self._set_model(pipe.unet, gradient_checkpointing)
         config = pipe.scheduler.config
         if config.get("prediction_type", "epsilon") != "epsilon":
             raise AssetError(
@@ -376,7 +418,8 @@ class SD15(_DiffusersBackbone):
         return Cond(tokens, mask, tokens[:, 0].clone())  # pooled: unused by the UNet, kept for the Cond type
 
     def _forward(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        out = self.model(self._in(x), timestep.to(self.device), encoder_hidden_states=cond.tokens).sample
+        with self._autocast():
+            out = self.model(self._in(x), timestep.to(self.device), encoder_hidden_states=cond.tokens).sample
         return out.to(x.device, x.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
