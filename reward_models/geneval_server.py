@@ -167,9 +167,9 @@ class GenEvalServerReward:
         self,
         url: str | None = None,
         batch_size: int = 64,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 1.0,
+        timeout: float = 120.0,  # as the published client waits
+        retries: int = 6,  # ours: back-off waits 2, 4, ..., 64 s, so a run outlasts a 2-minute restart
+        backoff: float = 2.0,
         wire: Literal["json", "pickle"] = "json",
         score: Literal["partial", "strict", "standard"] = "partial",
         only_strict: bool = True,

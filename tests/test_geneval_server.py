@@ -171,3 +171,11 @@ def test_evaluate_per_task_and_overall():
         "counting": {"strict": 0.5, "standard": 0.5, "partial": 90.0, "n": 2.0},
         "overall": {"strict": 0.5, "standard": 0.75, "partial": 120.0},
     }
+
+
+def test_the_default_client_waits_as_published_and_outlasts_a_server_restart():
+    """Runs of 400+ epochs must not die on one slow batch or a restarting server."""
+    client = GenEvalServerReward("http://127.0.0.1:1")
+    assert client.timeout == 120.0
+    waits = [client.backoff * 2**attempt for attempt in range(client.retries)]
+    assert sum(waits) >= 120.0
