@@ -19,7 +19,7 @@ endif
 
 .DEFAULT_GOAL := help
 METHOD      ?= tempflow-grpo
-.PHONY: help setup test test-slow lint train fig3 fig-zo-flow paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv
+.PHONY: help setup test test-slow lint train fig3 fig-zo-flow paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv plan
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ fig-zo-flow: setup  ## GenEval validation: lowsnr2 + matching + fair clip2 vs Te
 FIG         ?= fig3
 paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow, SCALE=paper|1gpu)
 	$(PY) -m experiments.embeddings --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
+
+plan: setup  ## per-GPU memory plan of a paper run (SCALE=paper|1gpu FIG=fig3|fig_zo_flow)
+	$(PY) -m experiments.plan --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
 
 bench: setup  ## per-epoch time split and NFE per parent of each Figure 3 arm (results/tables/bench_zo_flow.md)
 	$(PY) -m experiments.bench $(ARGS)

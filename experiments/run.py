@@ -104,11 +104,15 @@ class RunConfig:
     # data-parallel shards run one after another in each process (gradients averaged): W processes
     # x 1 shard and 1 process x W shards give the same update (the 1gpu scale uses the latter)
     shards: int = 1
+    # GiB of one GPU: the memory plan's budget (experiments/plan.py); a GPU sweep whose plan exceeds
+    # it refuses to start. 80: the paper's GPUs; the 1gpu configs set 24.
+    gpu_memory_gb: float = 80.0
     wandb: bool = True
 
     def __post_init__(self) -> None:
         require(self.shards >= 1, "shards", "must be at least 1")
         require(self.threads >= 0, "threads", "must not be negative (0 = torch's default)")
+        require(self.gpu_memory_gb > 0, "gpu_memory_gb", "must be positive (GiB of one GPU)")
 
 
 # ------------------------------------------------------------------------------------------------

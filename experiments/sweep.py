@@ -17,6 +17,7 @@ from pathlib import Path
 
 import matplotlib
 import pandas as pd
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments.run import RunConfig, resolve, run, run_inputs
@@ -174,7 +175,9 @@ def main(
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--plot-only", action="store_true", help="redraw from the finished runs")
-    parser.add_argument("--allow-cpu", action="store_true", help="run paper scale without a GPU (tests)")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="run paper scale without a GPU, unplanned (tests)"
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
@@ -191,6 +194,10 @@ def main(
         overrides=[o for o in args.set if not o.startswith("run.")],
     )
     check_overrides(args.set, arms, figure, {arm: arm_config(plain, arms[arm], seed=0) for arm in chosen})
+    if not args.plot_only and not args.allow_cpu and torch.cuda.is_available():
+        from experiments.plan import check_runs  # a GPU sweep: refuse one whose memory plan cannot fit
+
+        check_runs({run_name(arm, seed): OmegaConf.to_object(c) for (arm, seed), c in configs_by_run.items()})
     sweep = args.runs_dir / (args.name or f"{figure}-{args.scale}")
     started = time.perf_counter()
     if not args.plot_only:
