@@ -20,15 +20,19 @@ FIGURES = {"fig3": fig3.ARMS, "fig_zo_flow": fig_zo_flow.ARMS}
 CONFIGS = Path(__file__).parent / "configs"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def paper_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a tool about a figure's paper-scale runs (embeddings, memory plan)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--figure", choices=sorted(FIGURES), default="fig3")
     parser.add_argument("--scale", default="paper", help="paper | 1gpu")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = paper_parser(__doc__)
     parser.add_argument("--allow-cpu", action="store_true", help="embed on the CPU (slow; for tests)")
     args = parser.parse_args(argv)
     cfg = load_config(SweepConfig, CONFIGS / args.figure / f"{args.scale}.yaml", overrides=args.set)

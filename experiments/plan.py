@@ -16,7 +16,6 @@ A sweep of SD3.5-M runs on GPUs refuses to start when its plan exceeds ``run.gpu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -39,6 +38,7 @@ from experiments.run import RunConfig, sections
 from experiments.sweep import SweepConfig, arm_config
 from rsm_core.backbones import architectures
 from rsm_core.config import ConfigError, load_config
+from rsm_core.records import atomic_write_text
 
 GIB = 2**30
 CONFIGS = Path(__file__).parent / "configs"
@@ -619,16 +619,9 @@ def check_runs(runs: dict[str, RunConfig]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from experiments.embeddings import FIGURES
+    from experiments.embeddings import paper_parser
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--figure", choices=sorted(FIGURES), default="fig3")
-    parser.add_argument("--scale", default="paper", help="paper | 1gpu")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    parser = paper_parser(__doc__)
     parser.add_argument("--out", type=Path, default=TABLES, help="where plan_<figure>_<scale>.md goes")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -644,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(worst, settings.gpu_memory_gb),
         "",
-        f"Measured on a {act.layers}-block full-width copy (CPU, bf16 autocast, {act.seconds:.0f} s), per "
+        f"Measured on a {act.layers}-block full-width copy (CPU, bf16 autocast), per "
         f"sequence of {(RESOLUTION // 16) ** 2} + {CLIP_TOKENS + settings.model.t5_max_length} tokens: saved "
         + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in act.saved.items())
         + f"; backward transient {act.backward / 2**20:,.1f} MiB; no-grad forward peak "
@@ -654,8 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"plan_{args.figure}_{args.scale}.md"
-    path.write_text(text + "\n")
-    print(f"\nwritten to {path} in {time.perf_counter() - started:.0f} s")
+    atomic_write_text(path, text + "\n")
+    print(f"\nwritten to {path} in {time.perf_counter() - started:.0f} s (measuring: {act.seconds:.0f} s)")
 
 
 if __name__ == "__main__":
