@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -368,9 +367,7 @@ def measure(model: Any, use_cache: bool = False, quiet: bool = False) -> Measure
         "decode_per_image": measured.decode_per_image,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache.with_suffix(f".{os.getpid()}.tmp")  # several processes may write at once
-    temporary.write_text(json.dumps(stored, indent=1))
-    temporary.replace(cache)
+    atomic_write_text(cache, json.dumps(stored, indent=1))  # several processes may write at once
     return measured
 
 
@@ -483,7 +480,7 @@ def plan(settings: RunConfig, measured: Measured) -> Plan:
             f"the memory plan covers SD3.5-M runs of the branching arm; this run has model.backbone="
             f"{model.backbone} and its arm lacks {missing or 'nothing'}"
         )
-    half = 2 if model.precision != "fp32" else 4
+    half = 2 if model.precision != "fp32" and model.half_frozen_weights else 4  # frozen weights' bytes
     act = measured.activations
     frozen = transformer_parameters()
     lora = lora_parameters(model.lora_rank, model.lora_alpha, tuple(model.lora_targets))
@@ -492,7 +489,11 @@ def plan(settings: RunConfig, measured: Measured) -> Plan:
     reward = reward_parameters(rewards)
     encoders = text_encoder_parameters()
     weights = [
-        Row("frozen transformer", frozen * half / GIB, f"{frozen:,} params x {half} B ({model.precision})"),
+        Row(
+            "frozen transformer",
+            frozen * half / GIB,
+            f"{frozen:,} params x {half} B ({model.precision if half == 2 else 'fp32'})",
+        ),
         Row("LoRA state", lora * 20 / GIB, f"{lora:,} params x 20 B (fp32 weight, grad, 2 AdamW, EMA)"),
         Row("VAE", vae * 4 / GIB, f"{vae:,} params x 4 B (fp32)"),
         Row(

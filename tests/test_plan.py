@@ -48,6 +48,10 @@ def test_weights_rows_are_the_published_counts() -> None:
     assert rows["LoRA state"] == pytest.approx(18_776_064 * 20 / GIB)
     fp32 = dataclasses.replace(settings(), model=ModelConfig(backbone="sd35", precision="fp32"))
     assert planner.plan(fp32, fake()).weights[0].gib == pytest.approx(2_243_171_520 * 4 / GIB)
+    published = dataclasses.replace(
+        settings(), model=ModelConfig(backbone="sd35", precision="fp16", half_frozen_weights=False)
+    )
+    assert planner.plan(published, fake()).weights[0].gib == pytest.approx(2_243_171_520 * 4 / GIB)
     geneval = dataclasses.replace(settings(), reward="geneval-server")
     assert {row.name: row.gib for row in planner.plan(geneval, fake()).weights}["reward"] == 0
 

@@ -375,6 +375,19 @@ def test_half_precision_keeps_lora_fp32_and_checkpointing_cuts_saved_activations
     )
 
 
+def test_the_published_fp32_frozen_weights_are_a_switch(saved) -> None:
+    """half_frozen_weights=False is the published storage: fp32 frozen weights under half autocast."""
+    backbone = _load(saved, "sd35", precision="bf16", half_frozen_weights=False)
+    backbone.add_lora(rank=2, alpha=4.0)
+    frozen = {p.dtype for n, p in backbone.model.named_parameters() if "lora_" not in n}
+    assert frozen == {torch.float32} and backbone.autocast_dtype == torch.bfloat16
+    torch.manual_seed(3)
+    x, t = torch.randn(2, *backbone.latent_shape), _time(backbone)
+    with torch.no_grad():
+        out = backbone.native(x, t, backbone.encode(PROMPTS))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 

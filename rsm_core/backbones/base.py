@@ -160,8 +160,9 @@ class BackboneBase:
         targets: Sequence[str] = (),
     ) -> None:
         """A new trainable LoRA adapter on ``targets`` (module-name suffixes; empty: the backbone's
-        published ``lora_targets``); the base weights are frozen, every adapter stays trainable, and the
-        policy adapter stays the one ``native`` runs by default."""
+        published ``lora_targets``), in fp32 whatever the frozen weights' dtype; the base weights are
+        frozen, every adapter stays trainable, and the policy adapter stays the one ``native`` runs by
+        default."""
         from peft import LoraConfig
 
         if name in self.adapter_names:
@@ -177,6 +178,9 @@ class BackboneBase:
             self.model.add_adapter(config, adapter_name=name)
         for parameter_name, p in self.model.named_parameters():
             p.requires_grad_("lora_" in parameter_name)
+        with torch.no_grad():
+            for p in self.adapter_parameters(name):
+                p.data = p.data.float()
         self._switch(POLICY if POLICY in self.adapter_names else name)
 
     @property

@@ -24,12 +24,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rsm_core.backbones.architectures import SD35_JOINT_ATTENTION
-from rsm_core.backbones.base import POLICY, BackboneBase, FlowSpec
+from rsm_core.backbones.base import BackboneBase, FlowSpec
 from rsm_core.backbones.text import Cond
 from rsm_core.records import AssetError, load_tensors, save_tensors_atomic
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_dtype(precision: Precision, half_frozen_weights: bool) -> torch.dtype:
+    """The dtype of the frozen denoiser and text encoders (see _DiffusersBackbone)."""
+    return PRECISIONS[precision] if half_frozen_weights else torch.float32
+
 
 SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -167,9 +173,10 @@ class _DiffusersBackbone(BackboneBase):
 
     ``precision`` fp16 / bf16: the frozen denoiser and text encoders are stored in that dtype, the LoRA
     weights in fp32, the denoiser's forward runs under autocast and returns fp32, the VAE stays fp32
-    and TF32 matmuls are on (as published). Deviation (named by the setting): the published code keeps
-    the frozen weights in fp32 under fp16 autocast; autocast computes in half precision either way, and
-    half-precision storage saves 4.5 GiB of SD3.5-M weights per GPU. ``gradient_checkpointing``
+    and TF32 matmuls are on (as published). Deviation, switch ``half_frozen_weights``: the published
+    code keeps the frozen weights in fp32 under fp16 autocast (``half_frozen_weights=False``); autocast
+    computes in half precision either way, and half-precision storage saves 4.5 GiB of SD3.5-M weights
+    per GPU. ``gradient_checkpointing``
     recomputes the denoiser's blocks in the backward pass instead of keeping their activations.
     """
 
@@ -177,10 +184,13 @@ class _DiffusersBackbone(BackboneBase):
     memory_cache_prompts = 256  # a few epochs' prompts; everything else comes from the disk cache
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    def __init__(self, pipe, device: str | torch.device, precision: Precision, resolution: int) -> None:
+    def __init__(
+        self, pipe, device: str | torch.device, precision: Precision, frozen: torch.dtype, resolution: int
+    ) -> None:
+        """``frozen``: the dtype the pipeline was loaded in (``frozen_dtype``)."""
         super().__init__()
-        self.device, self.dtype = torch.device(device), PRECISIONS[precision]
-        self.autocast_dtype = None if precision == "fp32" else self.dtype
+        self.device, self.dtype = torch.device(device), frozen
+        self.autocast_dtype = None if precision == "fp32" else PRECISIONS[precision]
         self.pipe = pipe.to(self.device)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -202,20 +212,6 @@ class _DiffusersBackbone(BackboneBase):
     def _autocast(self) -> torch.autocast:
         enabled = self.autocast_dtype is not None
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled)
-
-    def add_lora(
-        self,
-        rank: int,
-        alpha: float,
-        init: str | bool = "gaussian",
-        name: str = POLICY,
-        targets: Sequence[str] = (),
-    ) -> None:
-        """As the base class; the adapter's weights are fp32 whatever the frozen weights' dtype."""
-        super().add_lora(rank, alpha, init, name, targets)
-        with torch.no_grad():
-            for p in self.adapter_parameters(name):
-                p.data = p.data.float()
 
     def _check_resolution(self) -> None:
         if self.resolution % self.latent_multiple:
@@ -324,13 +320,15 @@ class SD35(_DiffusersBackbone):
         cache_dir: Path | None = None,
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
+        half_frozen_weights: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
         from diffusers import StableDiffusion3Pipeline
 
         root = resolve_weights(path, SD35_COMPONENTS, SD35_REPO)
-        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, PRECISIONS[precision])
-        super().__init__(pipe, device, precision, resolution)
+        frozen = frozen_dtype(precision, half_frozen_weights)
+        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, frozen)
+        super().__init__(pipe, device, precision, frozen, resolution)
         self._set_model(pipe.transformer, gradient_checkpointing)
         self.max_sequence_length = max_sequence_length
         config = pipe.scheduler.config
@@ -381,20 +379,22 @@ class SD15(_DiffusersBackbone):
         cache_dir: Path | None = None,
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
+        half_frozen_weights: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
         from diffusers import StableDiffusionPipeline
 
         root = resolve_weights(path, SD15_COMPONENTS, SD15_REPO)
+        frozen = frozen_dtype(precision, half_frozen_weights)
         pipe = _load_pipeline(
             StableDiffusionPipeline,
             root,
             SD15_REPO,
-            PRECISIONS[precision],
+            frozen,
             safety_checker=None,
             requires_safety_checker=False,
         )
-        super().__init__(pipe, device, precision, resolution)
+        super().__init__(pipe, device, precision, frozen, resolution)
         self._set_model(pipe.unet, gradient_checkpointing)
         config = pipe.scheduler.config
         if config.get("prediction_type", "epsilon") != "epsilon":
