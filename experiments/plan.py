@@ -516,12 +516,17 @@ def plan(settings: RunConfig, measured: Measured) -> Plan:
     sequences = 2 * rows
     casts = lora * 2 / GIB if half == 2 else 0.0  # autocast's half copies of the LoRA weights, per call
     training = sequences * (per_sequence + max(act.backward, act.inference)) / GIB + casts
+    # reward workers score while sampling goes on; at most 2 x workers + 1 chunks of images wait
+    # (rsm_core.scoring.ScoreQueue): fp32 RGB at the model's resolution
+    workers = arm.get("reward_workers", 0)
+    held, image = (2 * workers + 1) * decode if workers else 0, 3 * RESOLUTION**2 * 4
     phases = [
         Row("load", load, f"transformer + VAE + LoRA weights + text encoders ({names}, {model.precision})"),
         Row(
             "rollout",
-            2 * chunk * act.inference / GIB + casts,
-            f"{chunk} rows x 2 (CFG) x {act.inference / 2**20:,.0f} MiB peak of a no-grad forward",
+            2 * chunk * act.inference / GIB + casts + held * image / GIB,
+            f"{chunk} rows x 2 (CFG) x {act.inference / 2**20:,.0f} MiB peak of a no-grad forward"
+            + (f" + {held} decoded images awaiting the reward workers" if held else ""),
         ),
         Row(
             "decode",

@@ -41,6 +41,7 @@ class Backbone(Protocol):
 
     model: nn.Module
     lora_targets: tuple[str, ...]
+    autocast_dtype: torch.dtype | None  # the forward's autocast precision (None: full precision)
 
     @property
     def flow(self) -> Any: ...  # rsm_core.backbones.base.FlowSpec
@@ -59,6 +60,7 @@ class Backbone(Protocol):
         cfg: float | None = None,
         adapter: str | None = ...,
         detach_uncond: bool = False,
+        guidance_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """eps or v; ``adapter=None`` runs the frozen reference (every adapter disabled)."""
         ...
@@ -86,6 +88,7 @@ class Backbone(Protocol):
         start: Tensor | None = None,
         observe: Callable[[int, Tensor, Tensor], None] | None = None,
         until: int | None = None,
+        guidance_dtype: torch.dtype | None = None,
     ) -> Tensor: ...
 
     def grid_times(self, steps: int) -> Tensor: ...

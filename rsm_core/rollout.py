@@ -141,8 +141,15 @@ def branching_rollout(
     branches: Sequence[int],
     generator: torch.Generator,
     chunk: int = 64,
+    *,
+    trunk_native: GuidedFn | None = None,
+    trunk_dtype: torch.dtype | None = None,
 ) -> BranchRollout:
     """Pass 1: ODE trunks; pass 2a: k_i SDE children of x_i per parent; pass 2b: ODE to the end.
+
+    ``trunk_native`` (default ``native``) gives pass 1's outputs, which pass 2a reuses; ``trunk_dtype``
+    is the dtype pass 1 carries its state in between steps (x_0 drawn in it; the stored x_i are the
+    float32 step outputs). The published sampler rounds both to fp16 and leaves pass 2b alone.
 
     ``branches`` has one entry per trunk step (at most one per sampler step); the trunk is walked
     that deep. The k_i children of a (parent, step) share the trunk's model output at x_i, which
@@ -154,11 +161,15 @@ def branching_rollout(
     if depth > steps:
         raise ValueError(f"a profile for an {steps}-step sampler has at most {steps} entries, got {depth}")
     everyone = torch.arange(parents)
-    trunk, natives, nfe = [start], [], 0
+
+    def carried(x: Tensor) -> Tensor:
+        return x if trunk_dtype is None else x.to(trunk_dtype).float()
+
+    trunk, natives, nfe = [carried(start)], [], 0
     for i in range(depth):
-        natives.append(_evaluate(native, trunk[i], i, everyone, chunk))
+        natives.append(_evaluate(trunk_native or native, trunk[i], i, everyone, chunk))
         nfe += parents
-        trunk.append(ode[i].mean(trunk[i].double(), natives[i].double()).float())
+        trunk.append(ode[i].mean(carried(trunk[i]).double(), natives[i].double()).float())
     parent_rows, step_rows, noises, children = [], [], [], []
     for i, k in enumerate(branches):
         if k == 0:

@@ -388,6 +388,24 @@ def test_the_published_fp32_frozen_weights_are_a_switch(saved) -> None:
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def test_guidance_in_the_half_dtype_rounds_the_guided_velocity(saved) -> None:
+    """The published rollout casts both raw outputs to its half embedding dtype before CFG, so the
+    guided velocity is the half-precision combination; without the cast it is the float32 one."""
+    backbone = _load(saved, "sd35", precision="bf16")
+    torch.manual_seed(3)
+    x, t = torch.randn(2, *backbone.latent_shape), _time(backbone)
+    cond = backbone.encode(PROMPTS)
+    with torch.no_grad():
+        f_cond, f_uncond = backbone.native(x, t, cond), backbone.native(x, t, backbone.encode(["", ""]))
+        rounded = backbone.native(x, t, cond, cfg=4.5, guidance_dtype=torch.bfloat16)
+        full = backbone.native(x, t, cond, cfg=4.5)
+    half_cond, half_uncond = f_cond.bfloat16(), f_uncond.bfloat16()
+    assert rounded.dtype == torch.float32
+    assert torch.equal(rounded, (half_uncond + 4.5 * (half_cond - half_uncond)).float())
+    assert torch.equal(full, f_uncond + 4.5 * (f_cond - f_uncond))
+    assert not torch.equal(rounded, full)
+
+
 # --- missing weights ----------------------------------------------------------------------------
 
 

@@ -192,3 +192,77 @@ def test_decoding_in_chunks_scores_like_decoding_at_once() -> None:
     assert calls == [2, 2, 1]
     at_once = decode_and_score(arm.backbone, {"r": reward}, latents, prompts, metas, chunk=12)["r"]
     torch.testing.assert_close(chunked, at_once, rtol=1e-5, atol=1e-6)
+
+
+def test_reward_workers_score_while_the_next_sampling_call_runs() -> None:
+    """With reward_workers > 0 a call's children are scored in worker threads while the next call
+    samples (published: 8 workers), and the epoch's rows are exactly the in-line ones."""
+    import threading
+
+    from rsm_core.budget import Budget
+
+    def rows(workers: int, overlap_log: list | None = None):
+        arm = smoke_arm(  # two sampling calls of one parent each, 30 children per parent
+            f"arm.reward_workers={workers}",
+            *("arm.prompts_per_epoch=2", "arm.seeds_per_prompt=1", "arm.collection_batch=1"),
+            *("arm.profile=lowsnr2", "arm.decode_chunk=10"),
+        )
+        if overlap_log is not None:
+            block_until_next_call(arm, overlap_log)
+        return arm.collect(Budget())
+
+    def block_until_next_call(arm, log: list) -> None:
+        """Each scoring of a call's children waits (up to 10 s) until the next call has encoded its
+        prompts; it logs its thread and whether that happened. In line, it could never happen."""
+        config = arm.config
+        calls = config.prompts_per_epoch * config.seeds_per_prompt // config.collection_batch
+        started = [threading.Event() for _ in range(calls + 1)]
+        encode, score = arm.backbone.encode, arm.reward
+
+        def encode_and_count(prompts):
+            if any(prompts):  # a call's prompts, not CFG's empty ones
+                started[sum(e.is_set() for e in started)].set()
+            return encode(prompts)
+
+        def blocked_score(images, prompts, metas):
+            call = sum(e.is_set() for e in started)  # the submitting call is the latest one started
+            overlapped = call == calls or started[call].wait(10)
+            log.append((threading.current_thread().name, overlapped))
+            return score(images, prompts, metas)
+
+        arm.backbone.encode, arm.reward = encode_and_count, blocked_score
+
+    log: list = []
+    inline, threaded = rows(0), rows(8, log)
+    for name in ("reward", "advantage", "parent", "step", "noise", "trunk"):
+        assert torch.equal(getattr(inline, name), getattr(threaded, name)), name
+    assert len(log) >= 2
+    assert all(thread.startswith("reward") and overlapped for thread, overlapped in log), log
+
+
+def test_the_published_trunk_rounding_touches_pass_1_only(flow: TinyFlow) -> None:
+    """trunk_native / trunk_dtype (the published fp16 rollout): x_0 and the state pass 1 carries are
+    in the half dtype, the stored x_i are the float32 step outputs, pass 2b is left alone."""
+    ode, sde = flow.flow.ode_grid(10), flow.flow.sde_grid(10)
+    start = torch.randn(3, *flow.latent_shape, generator=torch.Generator().manual_seed(0))
+    calls: list[tuple[str, int]] = []
+
+    def native(x, step, parents, label="continuation"):
+        calls.append((label, step))
+        return torch.sin(3 * x) + 0.1 * step
+
+    def rounded(x, step, parents):
+        return native(x, step, parents, "trunk").half().float()
+
+    def rollout(**kw):
+        return branching_rollout(native, ode, sde, start, [2, 1, 0], torch.Generator().manual_seed(1), **kw)
+
+    plain, half = rollout(), rollout(trunk_native=rounded, trunk_dtype=torch.float16)
+    assert torch.equal(half.trunk[:, 0], start.half().float())
+    assert torch.equal(half.trunk_native, half.trunk_native.half().float())
+    x1 = ode[0].mean(start.half().double(), half.trunk_native[:, 0].double()).float()
+    assert torch.equal(half.trunk[:, 1], x1)  # stored: the float32 output of the carried half state
+    assert not torch.equal(half.trunk[:, 1], x1.half().float())
+    assert {step for label, step in calls if label == "trunk"} == {0, 1, 2}
+    assert not torch.equal(plain.final, half.final)
+    torch.testing.assert_close(plain.final, half.final, rtol=0, atol=5e-2)  # a rounding, not a change

@@ -10,6 +10,7 @@ method's name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from rsm_core.budget import Budget
 from rsm_core.config import require
 from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
 from rsm_core.rollout import branching_rollout
-from rsm_core.scoring import decode_and_score
+from rsm_core.scoring import ScoreQueue, decode_and_score
 from rsm_core.transitions import Transitions
 
 
@@ -41,6 +42,9 @@ class ZOBranchConfig:
     microbatch_rows: int = 108  # rows per policy microbatch (latent_chunk_size 12 x 9 steps)
     chunk: int = 12  # rows per model call in the rollout
     decode_chunk: int = 12  # images per VAE decode and reward call (published 12; memory only)
+    # threads scoring decoded chunks while the next sampling call runs (published 8); 0 scores in
+    # line. The scores do not change, only the schedule (rsm_core.scoring.ScoreQueue).
+    reward_workers: int = 0
     adv_std_eps: float = 1e-4
     # GenEval redesign: a KL-to-reference row at each parent's ODE state of every k = 0 step
     ode_anchors: bool = False
@@ -52,6 +56,10 @@ class ZOBranchConfig:
     # Deviation (named): the published eval draws fresh noise each time; fixed noise makes the eval
     # curve of every arm and epoch comparable at the small eval sets of the tiny scale.
     eval_fixed_noise: bool = True
+    # As published: under a half-precision autocast the trunk (pass 1, whose outputs pass 2a reuses)
+    # and the evaluation combine CFG in that dtype, and the trunk carries its state in it (spec §2).
+    # False: float32 throughout. No effect in full precision (the tiny world).
+    half_rounding: bool = True
 
     def __post_init__(self) -> None:
         choices = [*profiles.PUBLISHED, profiles.AUTO_EQUAL_VARIANCE]
@@ -67,6 +75,7 @@ class ZOBranchConfig:
             require(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("microbatch_rows", "chunk", "decode_chunk", "eval_steps", "eval_batch"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(self.reward_workers >= 0, "reward_workers", "must not be negative (0 = score in line)")
         require(self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be at least 1")
         require(self.noise_level > 0, "noise_level", "must be positive (the SDE children need noise)")
         require(self.adv_std_eps > 0, "adv_std_eps", "must be positive")
@@ -139,6 +148,7 @@ class ZOBranchArm:
                 f"collect (it provides {list(self.PROVIDES)}); train it with another arm kind"
             )
         self.backbone, self.reward, self.objective, self.config = backbone, reward, objective, config
+        self.rounding = backbone.autocast_dtype if config.half_rounding else None  # spec §2
         self.eval_extra = dict(eval_extra or {})
         self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
@@ -184,32 +194,43 @@ class ZOBranchArm:
         config, latent = self.config, self.backbone.latent_shape
         calls = config.prompts_per_epoch * config.seeds_per_prompt // (config.collection_batch * self.world)
         parts, metas, offset = [], [], 0
-        with budget.timer("sample"):
+        with ScoreQueue(
+            self.backbone, {"reward": self.reward}, config.decode_chunk, config.reward_workers
+        ) as queue:
             for _ in range(calls):
                 call_metas = self._draw_prompts()
-                cond = self.backbone.encode([m["prompt"] for m in call_metas])
+                with budget.timer("sample"):
+                    cond = self.backbone.encode([m["prompt"] for m in call_metas])
 
-                def guided(x: Tensor, step: int, parents: Tensor, cond=cond) -> Tensor:
-                    return self.backbone.native(x, self.times[step], cond[parents], cfg=config.cfg)
+                    def guided(x: Tensor, step: int, parents: Tensor, cond=cond, rounded=None) -> Tensor:
+                        return self.backbone.native(
+                            x, self.times[step], cond[parents], cfg=config.cfg, guidance_dtype=rounded
+                        )
 
-                start = torch.randn(len(call_metas), *latent, generator=self.generator)
-                out = branching_rollout(
-                    guided, self.ode, self.sde, start, self.profile.k, self.generator, config.chunk
-                )
+                    start = torch.randn(len(call_metas), *latent, generator=self.generator)
+                    out = branching_rollout(
+                        guided,
+                        self.ode,
+                        self.sde,
+                        start,
+                        self.profile.k,
+                        self.generator,
+                        config.chunk,
+                        trunk_native=functools.partial(guided, rounded=self.rounding),
+                        trunk_dtype=self.rounding,
+                    )
                 budget.nfe += out.nfe
+                with budget.timer("reward"):  # decoding, and scoring that the workers do not hide
+                    children = [call_metas[p] for p in out.parent]
+                    queue.submit(out.final, [m["prompt"] for m in children], children)
                 parts.append((out, offset))
                 metas += call_metas
                 offset += len(call_metas)
+            with budget.timer("reward"):
+                reward = queue.results()["reward"]
+        budget.reward_calls += reward.numel()
         prompts = [m["prompt"] for m in metas]
         parent = torch.cat([out.parent + off for out, off in parts])
-        with budget.timer("reward"):
-            finals = torch.cat([out.final for out, _ in parts])
-            row_prompts, row_metas = [prompts[p] for p in parent], [metas[p] for p in parent]
-            rewards = {"reward": self.reward}
-            reward = decode_and_score(
-                self.backbone, rewards, finals, row_prompts, row_metas, config.decode_chunk
-            )["reward"]
-            budget.reward_calls += reward.numel()
         step = torch.cat([out.step for out, _ in parts])
         group = self._group(parent, step)
         weights = torch.tensor(
@@ -371,7 +392,9 @@ class ZOBranchArm:
 
     def _evaluate_batch(self, metas: list[dict], start: Tensor) -> dict[str, Tensor]:
         config, prompts = self.config, [m["prompt"] for m in metas]
-        latents = self.backbone.sample_ode(prompts, config.eval_steps, config.cfg, start=start)
+        latents = self.backbone.sample_ode(
+            prompts, config.eval_steps, config.cfg, start=start, guidance_dtype=self.rounding
+        )
         rewards = {"reward": self.reward, **self.eval_extra}
         scores = decode_and_score(self.backbone, rewards, latents, prompts, metas, config.decode_chunk)
         kl = torch.zeros(len(prompts), dtype=torch.float64)

@@ -94,6 +94,7 @@ class BackboneBase:
     # prompts whose conditioning stays in memory (0: all). A paper backbone bounds it: 2,048 test
     # prompts of SD3.5-M conditioning are gigabytes; the rest is on disk.
     memory_cache_prompts: int = 0
+    autocast_dtype: torch.dtype | None = None  # the forward's autocast precision (None: full precision)
 
     def __init__(self) -> None:
         self._cache: OrderedDict[str, Cond] = OrderedDict()
@@ -132,11 +133,14 @@ class BackboneBase:
         cfg: float | None = None,
         adapter: str | None = POLICY,
         detach_uncond: bool = False,
+        guidance_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """eps or v at (x, t); cfg = guidance scale (None: conditional only); ``adapter`` names the
         LoRA adapter to run (None: every adapter off, i.e. the frozen reference).
 
         detach_uncond stops the gradient through the unconditional branch (VGG-Flow's training CFG).
+        guidance_dtype: combine the two halves in this dtype (the published rollout casts the raw
+        outputs to its fp16 embedding dtype before CFG, so its guided velocity is fp16-rounded).
         """
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         timestep = self.flow.model_timestep(t)
@@ -145,10 +149,10 @@ class BackboneBase:
                 return self._forward(x, timestep, cond)
             uncond = self.encode([""] * x.shape[0])
             both = self._forward(torch.cat([x, x]), torch.cat([timestep, timestep]), Cond.cat([uncond, cond]))
-            f_uncond, f_cond = both.chunk(2)
+            f_uncond, f_cond = both.to(guidance_dtype or both.dtype).chunk(2)
             if detach_uncond:
                 f_uncond = f_uncond.detach()
-            return f_uncond + cfg * (f_cond - f_uncond)
+            return (f_uncond + cfg * (f_cond - f_uncond)).to(both.dtype)
 
     # --- LoRA adapters --------------------------------------------------------------------------
     def add_lora(
@@ -251,12 +255,13 @@ class BackboneBase:
         start: Tensor | None = None,
         observe: Callable[[int, Tensor, Tensor], None] | None = None,
         until: int | None = None,
+        guidance_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Latents from the flow's ODE sampler, from ``start`` or from N(0, I) noise of ``generator``.
 
         ``observe(i, x_i, f_i)`` sees each state and the policy's output before step i is taken (the
         evaluation's KL along the path); ``until`` stops after that many of the ``steps`` steps.
-        Kernel arithmetic runs in float64, states are float32.
+        Kernel arithmetic runs in float64, states are float32; ``guidance_dtype`` as in ``native``.
         """
         if start is None:
             start = torch.randn(len(prompts), *self.latent_shape, generator=generator)
@@ -264,7 +269,7 @@ class BackboneBase:
         grid = self.flow.ode_grid(steps)
         for i in range(steps if until is None else until):
             kernel = grid[i]
-            f = self.native(x, times[i], cond, cfg=cfg)
+            f = self.native(x, times[i], cond, cfg=cfg, guidance_dtype=guidance_dtype)
             if observe is not None:
                 observe(i, x, f)
             x = kernel.mean(x.double(), f.double()).float()
