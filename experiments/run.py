@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from baselines import registry
 from baselines.method import Method
 from experiments.cli import run as run_cli
+from experiments.paper_data import data_file
 from rsm_core import arms
 from rsm_core.arms import ArmKind
 from rsm_core.backbones.base import POLICY
@@ -76,7 +77,8 @@ class ModelConfig:
 @dataclass
 class PromptConfig:
     # "tiny-geneval": the tiny world's disjoint GenEval-format train/test splits. "files": one prompt
-    # per line (.txt) or GenEval metadata (.jsonl), e.g. Pick-a-Pic's train.txt / test.txt.
+    # per line (.txt) or GenEval metadata (.jsonl): a path, or a name under the data root where
+    # `make paper-data` puts them (experiments/configs/paper_data.yaml), e.g. pickscore/train.txt.
     source: Literal["tiny-geneval", "files"] = "tiny-geneval"
     train_file: str = ""
     test_file: str = ""
@@ -195,10 +197,9 @@ def resolve(cfg: DictConfig | RunConfig, prefix: str = "") -> DictConfig:
 
 
 def read_prompts(path: str) -> list[dict]:
-    """GenEval metadata (.jsonl) as is, or a text file's lines as {"prompt": line}."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {file} does not exist; set prompts.train_file / test_file")
+    """GenEval metadata (.jsonl) as is, or a text file's lines as {"prompt": line}; ``path`` is
+    resolved by ``data_file`` (as given, else under the data root)."""
+    file = data_file(path)
     if file.suffix == ".jsonl":
         return prompts.read_jsonl(file)
     return [{"prompt": line.strip()} for line in file.read_text().splitlines() if line.strip()]
@@ -356,10 +357,7 @@ def run_inputs(config: DictConfig | RunConfig) -> dict:
             inputs["aesthetic_head"] = content_fingerprint(head)
     if config.prompts.source == "files":
         files = {"train": config.prompts.train_file, "test": config.prompts.test_file}
-        for split, file in files.items():
-            if not Path(file).is_file():
-                raise ConfigError(f"prompts.{split}_file: no prompt file at {file!r}")
-        inputs["prompts"] = {split: content_fingerprint(Path(file)) for split, file in files.items()}
+        inputs["prompts"] = {split: content_fingerprint(data_file(file)) for split, file in files.items()}
     return inputs
 
 

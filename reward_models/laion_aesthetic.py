@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsm_core.backbones.stable_diffusion import _download_hint
-from rsm_core.records import AssetError
+from rsm_core.records import DATA_ENV, AssetError, data_root
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 HEAD_ENV = "RSM_AESTHETIC_HEAD"
-DEFAULT_HEAD = Path("~/.cache/rsm_bench") / HEAD_FILE
 HEAD_SOURCE = (
     f"the file {HEAD_FILE} of the LAION improved-aesthetic-predictor repository "
     f"(https://github.com/christophschuhmann/improved-aesthetic-predictor)"
@@ -36,8 +35,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_head_path() -> Path:
-    """``$RSM_AESTHETIC_HEAD`` if set, otherwise ``~/.cache/rsm_bench/sac+logos+ava1-l14-linearMSE.pth``."""
-    return Path(os.environ.get(HEAD_ENV) or DEFAULT_HEAD).expanduser()
+    """``$RSM_AESTHETIC_HEAD`` if set, otherwise the head in the data root, where `make paper-data` puts it
+    (``$RSM_BENCH_DATA``, default ``~/.cache/rsm_bench/sac+logos+ava1-l14-linearMSE.pth``)."""
+    return Path(os.environ.get(HEAD_ENV) or data_root() / HEAD_FILE).expanduser()
 
 
 def clip_preprocess(images: Tensor, size: int) -> Tensor:
@@ -106,7 +106,8 @@ def load_head(head_path: str | Path, input_size: int) -> AestheticHead:
     """The MLP head from a torch state dict, loaded with ``weights_only=True`` and strict key matching."""
     path = Path(head_path).expanduser()
     how_to_get = (
-        f"download {HEAD_SOURCE} and put it at {DEFAULT_HEAD}, or point ${HEAD_ENV} (or head_path) at it"
+        f"run `make paper-data` to fetch {HEAD_SOURCE} into {data_root()} (${DATA_ENV}), "
+        f"or point ${HEAD_ENV} (or head_path) at it"
     )
     if not path.is_file():
         raise AssetError(

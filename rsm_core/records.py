@@ -343,6 +343,16 @@ class AssetError(RuntimeError):
     """Shipped weights are missing, altered, or were trained with other settings."""
 
 
+DATA_ENV = "RSM_BENCH_DATA"
+DEFAULT_DATA_ROOT = Path("~/.cache/rsm_bench")
+
+
+def data_root() -> Path:
+    """Where `make paper-data` puts the prompt files and the aesthetic head: ``$RSM_BENCH_DATA``, else
+    ``~/.cache/rsm_bench``. In the core so that the fetcher and every reader agree on one place."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -15,7 +15,7 @@ from reward_models.laion_aesthetic import (
     LAIONAesthetic,
     clip_preprocess,
 )
-from rsm_core.records import AssetError
+from rsm_core.records import DATA_ENV, AssetError
 
 PROJECTION = 16
 IMAGE_SIZE = 32
@@ -175,10 +175,12 @@ def test_missing_head_names_file_and_env(clip_dir, tmp_path, monkeypatch):
     assert "improved-aesthetic-predictor" in message
 
     monkeypatch.delenv(HEAD_ENV)
+    monkeypatch.delenv(DATA_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # default ~/.cache/rsm_bench/<file>, absent here
     with pytest.raises(AssetError) as info:
         LAIONAesthetic(str(clip_dir))
     assert str(tmp_path / ".cache" / "rsm_bench" / HEAD_FILE) in str(info.value)
+    assert "make paper-data" in str(info.value)
 
 
 def test_head_from_env_var(clip_dir, head_path, monkeypatch, reward):
