@@ -94,17 +94,17 @@ class Method:
 
     def objective(self, config: Any = None) -> Objective:
         """The method's per-row pieces bound to ``config`` (default: the published one), for an arm."""
-        if not self.trainable or self.loss is None or self.kl is None or self.diagnostics is None:
-            raise ValueError(
-                f"{self.name} cannot be trained yet: it declares no arm kind, loss, KL or diagnostics"
-            )
+        if not self.trainable or self.loss is None:
+            raise ValueError(f"{self.name} cannot be trained yet: it declares no arm kind or loss")
         config = self.config if config is None else config
         loss, kl, diagnostics = self.loss, self.kl, self.diagnostics
         return Objective(
             name=self.name,
             loss=lambda f_theta, rows: loss(f_theta, rows, config),
-            kl=lambda f_theta, rows: kl(f_theta, rows, config),
+            kl=None if kl is None else lambda f_theta, rows: kl(f_theta, rows, config),
             beta=float(getattr(config, "beta", 0.0)),
-            diagnostics=lambda f_theta, rows, surrogate: diagnostics(f_theta, rows, config, surrogate),
+            diagnostics=None
+            if diagnostics is None
+            else lambda f_theta, rows, surrogate: diagnostics(f_theta, rows, config, surrogate),
             needs=self.needs,
         )

@@ -20,7 +20,7 @@ from baselines import (
 from baselines.method import Family, Method
 
 METHODS: tuple[Method, ...] = (
-    vgg_flow.METHOD,
+    *vgg_flow.METHODS,
     sqdf.METHOD,
     residual_nabla_db.METHOD,
     reinforce.METHOD,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from baselines.method import Method, Relation, Signal, TableRow
+from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.flows import per_sample
 from rsm_core.interfaces import SampleReward
@@ -160,10 +160,32 @@ def unpruned_loss(
     return UnprunedTerms(velocity, consistency, terminal_loss)
 
 
+# The published trainer's arm settings (spec §B.1-B.2): 8 prompts per rank, 20-step Euler ODE with
+# CFG 5 and the unconditional half detached in training, every transition, microbatches of 4 rows.
+_ARM = {
+    "sampler": "ode",
+    "sampler_steps": 20,
+    "cfg": 5.0,
+    "cfg_grad": "detach_uncond",
+    "trajectories_per_epoch": 8,
+    "collection_batch": 8,
+    "transitions": "all",
+    "estimator": "tweedie",
+    "microbatch_rows": 4,
+}
+_TRAINING = dict(
+    grid=grids.sd35_ode,
+    relation=Relation.EXACT,
+    signal=Signal.REWARD_GRADIENT,
+    loss=loss,
+    coefficients=coefficients,
+    needs=("f_ref", "reward_grad"),
+    arm="fo_trajectory",
+)
+
 METHOD = Method(
     name="vgg-flow",
     title="VGG-Flow (pruned)",
-    grid=grids.sd35_ode,
     table=TableRow(
         estimator="FO",
         lookahead="$k=0$ (current state, identity Jacobian)",
@@ -174,11 +196,41 @@ METHOD = Method(
         g=r"$\lambda\eta(t)\hat g/(d|\kappa|)$",
         p=r"$\lambda_{reg}/(d\kappa^2)$",
     ),
-    relation=Relation.EXACT,
-    signal=Signal.REWARD_GRADIENT,
     config=VGGFlowConfig(),
-    loss=loss,
-    coefficients=coefficients,
-    needs=("f_ref", "reward_grad"),
+    arm_config=_ARM,
     note="pruned: value network and its losses removed; see unpruned_loss",
+    **_TRAINING,
+)
+
+# The paper's redesign of the flow family (spec §B.3 OURS) and its Figure 6(a, b) ablations: the same
+# loss with another estimator, temporal weight and scale.
+METHODS = (
+    METHOD,
+    Method(
+        name="reward-score-distillation-flow",
+        title="Reward score distillation (flow)",
+        family=Family.REDESIGN,
+        config=VGGFlowConfig(reward_scale=1.5e7, eta_mode="linear"),
+        arm_config={**_ARM, "estimator": "terminal"},
+        note="terminal-image reward gradient, eta = 1 - sigma at half the baseline's scale",
+        **_TRAINING,
+    ),
+    Method(
+        name="vgg-flow-linear-a",
+        title="Linear Baseline A",
+        family=Family.REDESIGN,
+        config=VGGFlowConfig(eta_mode="linear"),
+        arm_config=_ARM,
+        note="the baseline's Tweedie estimator with eta = 1 - sigma at the baseline's scale",
+        **_TRAINING,
+    ),
+    Method(
+        name="vgg-flow-linear-b",
+        title="Linear Baseline B",
+        family=Family.REDESIGN,
+        config=VGGFlowConfig(reward_scale=1.5e7, eta_mode="linear"),
+        arm_config=_ARM,
+        note="the baseline's Tweedie estimator with the redesign's scaled linear schedule",
+        **_TRAINING,
+    ),
 )

@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("method", help=f"one of {[m.name for m in registry.trainable()]}")
-    parser.add_argument("--scale", default="tiny", help=f"smoke | tiny ({CONFIGS}/*.yaml)")
+    parser.add_argument("--scale", default="tiny", help=f"smoke | tiny ({CONFIGS}/<arm kind>/*.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
@@ -458,9 +458,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--allow-cpu", action="store_true", help="run a paper-scale model without a GPU")
     args = parser.parse_args(argv)
-    cfg = load_config(
-        RunConfig, CONFIGS / f"{args.scale}.yaml", overrides=[f"method={args.method}", *args.set]
-    )
+    method = trainable_method(args.method)
+    file = CONFIGS / method.arm / f"{args.scale}.yaml"  # each arm kind's sizes
+    if not file.is_file():
+        scales = sorted(path.stem for path in file.parent.glob("*.yaml"))
+        raise ConfigError(f"{method.name} has no {args.scale} scale ({file}); its scales are {scales}")
+    cfg = load_config(RunConfig, file, overrides=[f"method={args.method}", *args.set])
     resolved = resolve(cfg)
     name = args.name or f"{resolved.method}-{args.scale}-seed{resolved.seed}"
     started = time.perf_counter()

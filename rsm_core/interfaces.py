@@ -113,10 +113,11 @@ class Objective:
 
     name: str  # the registered method (for messages and run records, never for branching)
     loss: Callable[[Tensor, Transitions], Surrogate]  # per-row loss, trust region and KL included
-    kl: Callable[[Tensor, Transitions], Tensor]  # per-row KL to the reference (e.g. ODE-anchor rows)
+    # per-row KL to the reference (e.g. ODE-anchor rows); None where no arm of the method needs it
+    kl: Callable[[Tensor, Transitions], Tensor] | None
     beta: float  # the KL coefficient the loss applies (anchor rows use the same)
     # per-row diagnostics (averaged by the arm over the counted rows), from the loss's own quantities
-    diagnostics: Callable[[Tensor, Transitions, Surrogate], dict[str, Tensor]]
+    diagnostics: Callable[[Tensor, Transitions, Surrogate], dict[str, Tensor]] | None
     needs: tuple[str, ...] = ()  # Transitions fields the loss reads
 
 

@@ -129,7 +129,7 @@ def test_the_reference_output_is_computed_once_per_epoch_and_is_the_frozen_model
     from rsm_core.budget import Budget
     from rsm_core.config import load_config
 
-    config = load_config(RunConfig, "experiments/configs/run/smoke.yaml")
+    config = load_config(RunConfig, "experiments/configs/run/zo_branch/smoke.yaml")
     arm = build_arm(config)
     batch = arm.collect(Budget())
     plan = arm.microbatches(batch, 2)
@@ -158,7 +158,8 @@ def smoke_arm(*overrides: str):
     from experiments.run import RunConfig, build_arm
     from rsm_core.config import load_config
 
-    return build_arm(load_config(RunConfig, "experiments/configs/run/smoke.yaml", overrides=list(overrides)))
+    smoke = "experiments/configs/run/zo_branch/smoke.yaml"
+    return build_arm(load_config(RunConfig, smoke, overrides=list(overrides)))
 
 
 def test_evaluation_split_over_processes_gives_the_whole_sets_values() -> None:

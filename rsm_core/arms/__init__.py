@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsm_core.arms.fo_trajectory import FOTrajectoryArm, FOTrajectoryConfig
 from rsm_core.arms.zo_branch import ZOBranchArm, ZOBranchConfig
 
 
@@ -19,7 +20,13 @@ class ArmKind:
     config: type  # the kind's structured config (a frozen dataclass)
 
 
-KINDS = {kind.name: kind for kind in (ArmKind("zo_branch", ZOBranchArm, ZOBranchConfig),)}
+KINDS = {
+    kind.name: kind
+    for kind in (
+        ArmKind("zo_branch", ZOBranchArm, ZOBranchConfig),
+        ArmKind("fo_trajectory", FOTrajectoryArm, FOTrajectoryConfig),
+    )
+}
 
 
 def kind(name: str) -> ArmKind:

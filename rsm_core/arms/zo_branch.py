@@ -147,6 +147,8 @@ class ZOBranchArm:
                 f"{objective.name} needs the row fields {missing}, which the branching arm does not "
                 f"collect (it provides {list(self.PROVIDES)}); train it with another arm kind"
             )
+        if objective.kl is None or objective.diagnostics is None:
+            raise ValueError(f"the branching arm needs {objective.name}'s per-row KL and diagnostics")
         self.backbone, self.reward, self.objective, self.config = backbone, reward, objective, config
         self.rounding = backbone.autocast_dtype if config.half_rounding else None  # spec §2
         self.eval_extra = dict(eval_extra or {})

@@ -1,0 +1,432 @@
+"""The first-order arm kind: whole trajectories of the policy, rows at (some of) their transitions, and
+the reward's gradient through the decoder as the training signal (fo_first_order spec §A, §B).
+
+Per epoch: sample trajectories with the current policy (Euler ODE for VGG-Flow, DDIM eta = 1 for
+nabla-DB) under no grad, keep every state, the sampling policy's outputs and the final reward;
+choose the transitions each trajectory trains (all of them, chronological, for VGG-Flow; the
+low-variance draw of nabla-DB: the last step plus one step per trunk); then, per microbatch, give the
+method's loss rows with the reward-gradient estimate its config names:
+
+- ``tweedie``: grad_x r(decode(x0_hat(x, sg f_theta))) at the current state, identity Jacobian
+  through the detached output (pruned VGG-Flow);
+- ``lookahead``: grad_{x_t'} r(decode(x0_hat_theta(x_t'))) at the next state, through the current
+  policy (full Jacobian; the final step's Tweedie map is the identity) (pruned nabla-DB);
+- ``terminal``: grad_{x_0} r(decode(x_0)) at the trajectory's own final latent, computed once at
+  collection (the redesign's terminal-image gradient).
+
+The loss (clipping, scales, temporal weights) is the method's; the arm only supplies the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rsm_core.backbones.base import POLICY
+from rsm_core.budget import Budget
+from rsm_core.config import require
+from rsm_core.flows import per_sample
+from rsm_core.grids import Grid
+from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
+from rsm_core.kernels import reduce_per_sample
+from rsm_core.scoring import decode_and_score
+from rsm_core.transitions import Transitions
+
+Estimator = Literal["tweedie", "lookahead", "terminal"]
+
+
+@dataclass(frozen=True)
+class FOTrajectoryConfig:
+    sampler: Literal["ode", "ddpm"] = "ode"  # Euler ODE (VGG-Flow) or DDIM with eta = 1 (nabla-DB)
+    sampler_steps: int = 20
+    cfg: float = 5.0
+    # the training forward's CFG: "detach_uncond" stops the gradient through the unconditional half
+    # (VGG-Flow, spec §0.2); "both" lets it flow through both (nabla-DB, spec §0.1)
+    cfg_grad: Literal["both", "detach_uncond"] = "detach_uncond"
+    trajectories_per_epoch: int = 8  # per shard (VGG-Flow: 8 prompts per rank; nabla-DB: 64)
+    collection_batch: int = 8  # trajectories per sampling call
+    # "all": every transition, chronological (VGG-Flow, timestep_fraction 1); "low_variance": the last
+    # step plus one uniform draw per trunk of steps, last trunk first (nabla-DB, spec §A.2)
+    transitions: Literal["all", "low_variance"] = "all"
+    timestep_fraction: float = 1.0  # low_variance: int(N fraction) trunks, int(N fraction) + 1 rows
+    estimator: Estimator = "tweedie"
+    microbatch_rows: int = 4  # rows per forward pass (memory only: an update's rows are fixed)
+    decode_chunk: int = 12
+    eval_steps: int = 20
+    eval_batch: int = 8
+    eval_images_per_prompt: int = 1
+    eval_seed: int = 1234
+    # Deviation (named): the published evaluations draw fresh noise (and nabla-DB fresh prompts)
+    # each time; fixed noise makes every arm's curve comparable at the tiny scale's small test sets.
+    eval_fixed_noise: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("sampler_steps", "trajectories_per_epoch", "collection_batch", "microbatch_rows"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("decode_chunk", "eval_steps", "eval_batch", "eval_images_per_prompt"):
+            require(getattr(self, name) >= 1, name, "must be at least 1")
+        require(
+            self.trajectories_per_epoch % self.collection_batch == 0,
+            "trajectories_per_epoch",
+            f"must be a multiple of collection_batch ({self.collection_batch})",
+        )
+        require(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+        if self.transitions == "low_variance":
+            require(
+                int(self.sampler_steps * self.timestep_fraction) >= 1,
+                "timestep_fraction",
+                f"leaves no trunk of a {self.sampler_steps}-step sampler",
+            )
+
+    @property
+    def rows_per_trajectory(self) -> int:
+        if self.transitions == "all":
+            return self.sampler_steps
+        return int(self.sampler_steps * self.timestep_fraction) + 1
+
+
+def low_variance_steps(steps: int, fraction: float, generator: torch.Generator) -> Tensor:
+    """The published draw (spec §A.2): [N - 1], then one uniform step of each trunk of N // n
+    consecutive steps, last trunk first; the first int(N fraction) + 1 entries. The last step can be
+    drawn twice."""
+    trunks = int(steps * fraction)
+    size = steps // trunks
+    draws = [j * size + int(torch.randint(size, (1,), generator=generator)) for j in reversed(range(trunks))]
+    return torch.tensor([steps - 1, *draws][: trunks + 1])
+
+
+NoiseFn = Callable[[torch.Size], Tensor]
+ObserveFn = Callable[[int, Tensor, Tensor, Any], None]
+
+
+@dataclass(frozen=True)
+class Walk:
+    states: Tensor  # (B, N + 1, *D)
+    native: Tensor  # (B, N, *D)
+    noise: Tensor | None  # (B, N, *D)
+
+
+@dataclass
+class Trajectories:
+    """An epoch's trajectories: every state, the sampling policy's outputs, the chosen rows."""
+
+    prompts: list[str]  # per trajectory
+    metas: list[dict]
+    states: Tensor  # (T, N + 1, *D)
+    native: Tensor  # (T, N, *D)
+    noise: Tensor | None  # (T, N, *D) the DDPM draws (None for the ODE)
+    reward: Tensor  # (T,)
+    terminal_grad: Tensor | None  # (T, *D) with the terminal estimator
+    trajectory: Tensor  # (R,) the trajectory of each row
+    step: Tensor  # (R,) its transition
+
+
+@dataclass(frozen=True)
+class Microbatch:
+    batch: Trajectories
+    index: Tensor  # rows of the batch
+
+
+class FOTrajectoryArm:
+    """One first-order method on one backbone and one data shard (``rank`` of ``world``)."""
+
+    PROVIDES = ("kernel", "x", "f_old", "f_ref", "noise", "reward", "reward_grad", "steps_remaining")
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        reward: Reward,
+        objective: Objective,
+        train_prompts: Sequence[dict],
+        eval_prompts: Sequence[dict],
+        config: FOTrajectoryConfig,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        eval_extra: dict[str, Reward] | None = None,
+    ) -> None:
+        missing = [name for name in objective.needs if name not in self.PROVIDES]
+        if missing:
+            raise ValueError(
+                f"{objective.name} needs the row fields {missing}, which the first-order arm does not "
+                f"fill (it provides {list(self.PROVIDES)}); train it with another arm kind"
+            )
+        if not getattr(reward, "differentiable", False):
+            raise ValueError(
+                f"{objective.name} trains on reward gradients; reward {getattr(reward, 'name', reward)!r} "
+                "is not differentiable (choose one whose images -> score is, e.g. shapes_hps)"
+            )
+        self.backbone, self.reward, self.objective, self.config = backbone, reward, objective, config
+        self.eval_extra = dict(eval_extra or {})
+        self.seed, self.rank, self.world = seed, rank, world
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
+        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.calls = 0  # sampling calls so far: the prompt sampler's state
+        self.grid = self._grid(config.sampler_steps)
+        self.times = backbone.grid_times(config.sampler_steps)
+        self.reward_grad_calls = 0
+
+    def _grid(self, steps: int) -> Grid:
+        flow = self.backbone.flow
+        return flow.ode_grid(steps) if self.config.sampler == "ode" else flow.sde_grid(steps)
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
+
+    # --- collection -----------------------------------------------------------------------------
+    def _draw_prompts(self, count: int) -> list[dict]:
+        """Uniform with replacement from the training prompts (both published samplers), a different
+        stream per shard."""
+        rng = np.random.default_rng([self.seed, self.rank, self.calls])
+        self.calls += 1
+        return [self.train_prompts[i] for i in rng.integers(len(self.train_prompts), size=count)]
+
+    @torch.no_grad()
+    def _walk(
+        self, prompts: list[str], start: Tensor, draw: NoiseFn, observe: ObserveFn | None = None
+    ) -> Walk:
+        """The training sampler from ``start`` with the policy; ``draw(shape)`` gives the DDPM noise
+        and ``observe(i, x_i, f_i, cond)`` sees every state and output."""
+        cond = self.backbone.encode(prompts)
+        states, natives, noises = [start], [], []
+        for i in range(len(self.grid)):
+            kernel, x = self.grid[i], states[-1]
+            f = self.backbone.native(x, self.times[i], cond, cfg=self.config.cfg)
+            if observe is not None:
+                observe(i, x, f, cond)
+            natives.append(f)
+            if kernel.stochastic:
+                noises.append(draw(x.shape))
+                states.append(kernel.sample(x.double(), f.double(), noises[-1].double()).float())
+            else:
+                states.append(kernel.mean(x.double(), f.double()).float())
+        noise = torch.stack(noises, 1) if noises else None
+        return Walk(torch.stack(states, 1), torch.stack(natives, 1), noise)
+
+    def _reward_grad(self, point: Tensor, to_image_latent, prompts: list[str], metas: list[dict]) -> Tensor:
+        """grad_z r(decode(to_image_latent(z))) at z = ``point``, per sample (detached)."""
+        grads = []
+        for s in range(0, point.shape[0], self.config.decode_chunk):
+            part = slice(s, s + self.config.decode_chunk)
+            with torch.enable_grad():
+                z = point[part].detach().requires_grad_(True)
+                score = self.reward(
+                    self.backbone.decode(to_image_latent(z, part)), prompts[part], metas[part]
+                )
+                (grad,) = torch.autograd.grad(score.sum(), z)
+            grads.append(grad.detach())
+        self.reward_grad_calls += point.shape[0]
+        return torch.cat(grads)
+
+    def collect(self, budget: Budget) -> Trajectories:
+        config, latent = self.config, self.backbone.latent_shape
+        walks, metas = [], []
+        for _ in range(config.trajectories_per_epoch // config.collection_batch):
+            call_metas = self._draw_prompts(config.collection_batch)
+            with budget.timer("sample"):
+                start = torch.randn(len(call_metas), *latent, generator=self.generator)
+                walk = self._walk(
+                    [m["prompt"] for m in call_metas],
+                    start,
+                    lambda shape: torch.randn(shape, generator=self.generator),
+                )
+            budget.nfe += len(call_metas) * len(self.grid)
+            walks.append(walk)
+            metas += call_metas
+        prompts = [m["prompt"] for m in metas]
+        states = torch.cat([w.states for w in walks])
+        with budget.timer("reward"):
+            final = states[:, -1]
+            reward = decode_and_score(
+                self.backbone, {"r": self.reward}, final, prompts, metas, config.decode_chunk
+            )
+            budget.reward_calls += len(prompts)
+            terminal = None
+            if config.estimator == "terminal":  # once per trajectory, at collection (spec §B.1)
+                terminal = self._reward_grad(final, lambda z, part: z, prompts, metas)
+        rows = self._rows(len(prompts))
+        return Trajectories(
+            prompts=prompts,
+            metas=metas,
+            states=states,
+            native=torch.cat([w.native for w in walks]),
+            noise=torch.cat([w.noise for w in walks]) if walks[0].noise is not None else None,
+            reward=reward["r"].double(),
+            terminal_grad=terminal,
+            trajectory=rows[0],
+            step=rows[1],
+        )
+
+    def _rows(self, trajectories: int) -> tuple[Tensor, Tensor]:
+        """(trajectory, step) of every training row, each trajectory's rows together."""
+        config, steps = self.config, len(self.grid)
+        if config.transitions == "all":
+            chosen = [torch.arange(steps) for _ in range(trajectories)]
+        else:
+            chosen = [
+                low_variance_steps(steps, config.timestep_fraction, self.generator)
+                for _ in range(trajectories)
+            ]
+        trajectory = torch.cat([torch.full((len(c),), i) for i, c in enumerate(chosen)])
+        return trajectory, torch.cat(chosen)
+
+    # --- training -------------------------------------------------------------------------------
+    def microbatches(self, batch: Trajectories, count_multiple: int) -> list[Microbatch]:
+        """Trajectories shuffled and split evenly over the ``count_multiple`` updates of the epoch (a
+        trajectory's rows all go to one update); each update's rows cut into microbatches of
+        ``microbatch_rows``, which only changes memory: the loop averages equal-sized microbatches."""
+        count, size = len(batch.prompts), self.config.microbatch_rows
+        if count % count_multiple:
+            raise ValueError(
+                f"{count} trajectories per shard cannot be split over {count_multiple} updates per epoch; "
+                "make trajectories_per_epoch a multiple of loop.updates_per_epoch"
+            )
+        order = torch.randperm(count, generator=self.generator)
+        microbatches = []
+        for update in order.chunk(count_multiple):
+            rows = torch.cat([torch.nonzero(batch.trajectory == i).squeeze(1) for i in update.tolist()])
+            if rows.numel() % size:
+                raise ValueError(
+                    f"an update has {rows.numel()} rows, not a multiple of arm.microbatch_rows={size}; "
+                    f"choose a divisor of {rows.numel()}"
+                )
+            microbatches += [Microbatch(batch, part) for part in rows.split(size)]
+        return microbatches
+
+    def _signal(self, batch: Trajectories, index: Tensor, x: Tensor, f_theta: Tensor, cond) -> Tensor:
+        """The rows' reward-gradient estimate (see the module docstring)."""
+        trajectory, step = batch.trajectory[index], batch.step[index]
+        prompts = [batch.prompts[i] for i in trajectory.tolist()]
+        metas = [batch.metas[i] for i in trajectory.tolist()]
+        estimator = self.config.estimator
+        if estimator == "terminal":
+            return batch.terminal_grad[trajectory]
+        if estimator == "tweedie":
+            point = self.grid.kernel.point.select(step)
+            f = f_theta.detach()
+            return self._reward_grad(x, lambda z, part: point.select(part).x0(z, f[part]), prompts, metas)
+        # lookahead: the policy's Tweedie estimate at the next state; the final step's map is the identity
+        last = len(self.grid) - 1
+        x_next = batch.states[trajectory, step + 1]
+        after = torch.clamp(step + 1, max=last)
+        prev = self.grid.kernel.point.select(after)
+
+        def through_policy(z: Tensor, part: slice) -> Tensor:
+            f = self.backbone.native(z, self.times[after[part]], cond[part], cfg=self.config.cfg)
+            x0 = prev.select(part).x0(z, f)
+            final = (step[part] == last).view(-1, *([1] * (z.ndim - 1)))
+            return torch.where(final, z, x0)
+
+        return self._reward_grad(x_next, through_policy, prompts, metas)
+
+    def loss(self, microbatch: Microbatch) -> tuple[Tensor, dict[str, float]]:
+        batch, index, config = microbatch.batch, microbatch.index, self.config
+        trajectory, step = batch.trajectory[index], batch.step[index]
+        x = batch.states[trajectory, step]
+        cond = self.backbone.encode([batch.prompts[i] for i in trajectory.tolist()])
+        t = self.times[step]
+        f_theta = self.backbone.native(
+            x, t, cond, cfg=config.cfg, detach_uncond=config.cfg_grad == "detach_uncond"
+        )
+        with torch.no_grad():
+            f_ref = self.backbone.native(x, t, cond, cfg=config.cfg, adapter=None)
+        kernel = self.grid.kernel.select(step)
+        grad = self._signal(batch, index, x, f_theta, cond)
+        rows = Transitions(
+            kernel=kernel,
+            x=x,
+            f_old=batch.native[trajectory, step],
+            f_ref=f_ref,
+            noise=batch.noise[trajectory, step] if batch.noise is not None else None,
+            reward=batch.reward[trajectory],
+            reward_grad=grad,
+            steps_remaining=self.grid.steps_remaining[step],
+        )
+        loss = self.objective.loss(f_theta, rows).loss.mean()
+        stats = {
+            "loss": float(loss.detach()),
+            self.divergence_name: float(self._divergence(kernel, f_theta.detach(), f_ref).mean()),
+            "reward_grad_norm": float(reduce_per_sample(grad.double() ** 2, "sum").sqrt().mean()),
+        }
+        return loss, stats
+
+    @property
+    def divergence_name(self) -> str:
+        """KL for the stochastic sampler; the transition-mean drift for the ODE, which has no KL."""
+        return "drift" if self.config.sampler == "ode" else "kl"
+
+    def _divergence(self, kernel, f: Tensor, f_ref: Tensor) -> Tensor:
+        """Per row: mean_d (B (f - f_ref))^2, the published transition drift (dt (v - v_ref))^2, or
+        the per-element KL of the two kernels, 1/2 mean_d (w (f - f_ref))^2 with w = |B| / nu."""
+        shift = kernel.mean(torch.zeros_like(f), f.double() - f_ref.double())
+        if self.config.sampler == "ode":
+            return reduce_per_sample(shift**2, "mean")
+        return 0.5 * reduce_per_sample((shift / per_sample(kernel.nu, shift)) ** 2, "mean")
+
+    def batch_stats(self, batch: Trajectories) -> dict[str, float]:
+        return {
+            "reward_mean": float(batch.reward.mean()),
+            "reward_sq_mean": float((batch.reward**2).mean()),
+            "reward_grad_calls": float(self.reward_grad_calls),
+        }
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, part: int = 0, parts: int = 1) -> dict[str, Tensor]:
+        """Per test image of this ``part`` of ``parts``: the reward of the policy's sample on the
+        training sampler, every extra reward, and the KL (DDPM) or drift (ODE) to the reference
+        along that trajectory, averaged over its steps (spec §A.5, §B.6). Each image's noise comes
+        from its own generator, so the values do not depend on the split."""
+        config = self.config
+        metas = [m for m in self.eval_prompts for _ in range(config.eval_images_per_prompt)]
+        mine = range(part * len(metas) // parts, (part + 1) * len(metas) // parts)
+        values: dict[str, list[Tensor]] = {
+            "reward": [],
+            self.divergence_name: [],
+            **{n: [] for n in self.eval_extra},
+        }
+        for first in range(mine.start, mine.stop, config.eval_batch):
+            images = range(first, min(first + config.eval_batch, mine.stop))
+            for name, value in self._evaluate_batch([metas[i] for i in images], images).items():
+                values[name].append(value)
+        return {
+            name: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for name, v in values.items()
+        }
+
+    def _evaluate_batch(self, metas: list[dict], images: range) -> dict[str, Tensor]:
+        config, prompts = self.config, [m["prompt"] for m in metas]
+        if config.eval_fixed_noise:
+            generators = [torch.Generator().manual_seed(config.eval_seed + i) for i in images]
+        else:
+            generators = [self.generator] * len(images)
+
+        def draw(shape: torch.Size) -> Tensor:
+            return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+
+        divergence = torch.zeros(len(prompts), dtype=torch.float64)
+
+        def observe(i: int, x: Tensor, f: Tensor, cond) -> None:
+            nonlocal divergence
+            f_ref = self.backbone.native(x, self.times[i], cond, cfg=config.cfg, adapter=None)
+            divergence = divergence + self._divergence(self.grid[i], f, f_ref) / len(self.grid)
+
+        walk = self._walk(
+            prompts, draw(torch.Size((len(prompts), *self.backbone.latent_shape))), draw, observe
+        )
+        rewards = {"reward": self.reward, **self.eval_extra}
+        scores = decode_and_score(
+            self.backbone, rewards, walk.states[:, -1], prompts, metas, config.decode_chunk
+        )
+        return {name: value.double() for name, value in scores.items()} | {self.divergence_name: divergence}
+
+    # --- resume ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"calls": self.calls, "reward_grad_calls": self.reward_grad_calls}
+
+    def load_state(self, state: dict) -> None:
+        self.calls, self.reward_grad_calls = state["calls"], state["reward_grad_calls"]
