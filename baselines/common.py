@@ -13,6 +13,8 @@ from rsm_core.loss import Coefficients
 from rsm_core.transitions import Transitions
 
 KLDenominator = Literal["heuristic", "exact"]
+# The guard of the published terminal losses (nabla-GFN and VGG-Flow): sum / (n_terminal + 1e-6).
+TERMINAL_EPS = 1e-6
 
 
 def mean_log_ratio(f_theta: Tensor, rows: Transitions) -> Tensor:
@@ -72,3 +74,15 @@ def policy_gradient_coefficients(
     g = -per_sample(policy, noise) * w_ * noise / (2 * elements)
     p = policy * w**2 / (2 * elements) if anchor else torch.zeros_like(policy)
     return Coefficients(torch.as_tensor(c1).expand_as(policy), g, p)
+
+
+def terminal_rows_mean(values: Tensor, terminal: Tensor) -> Tensor:
+    """Per-row terms whose batch mean is the published terminal loss sum_terminal values / (n + 1e-6).
+
+    The published codes average a per-row value over the n terminal rows of the microbatch only;
+    the losses here return per-row terms that the caller averages over all B rows, so each terminal
+    row carries B / (n + 1e-6) times its value and every other row 0 (a batch without terminal
+    rows gives 0, as published).
+    """
+    mask = terminal.to(values.dtype)
+    return mask * values * (values.shape[0] / (mask.sum() + TERMINAL_EPS))

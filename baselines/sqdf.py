@@ -29,6 +29,10 @@ class SQDFConfig:
     alpha: float = 2.0  # sqdf_alpha of the launch scripts (the config-file default is 0.01)
 
 
+# The published HPS configuration (fo_first_order spec §C.2, T2I/hps.sh).
+PAPER = SQDFConfig(gamma=0.9, alpha=2.0)
+
+
 def loss(f_theta: Tensor, rows: Transitions, config: SQDFConfig) -> Surrogate:
     rows.require("noise", "f_ref", "steps_remaining", "lookahead_reward", method="SQDF")
     kernel = rows.kernel

@@ -5,7 +5,9 @@ Pruned (the RSM baseline): velocity matching on the Euler-ODE grid,
     L = mean_d (v_theta - sg[v_ref - lambda eta(t) clip_tau(g)])^2  (+ unet_reg mean_d (v_theta - v_old)^2),
 
 with g = grad_x r(decode(x - t sg(v_theta))) (current-state Tweedie, identity Jacobian) clipped per
-sample to norm tau. Canonical: C1 = 1/(d kappa^2), G = lambda eta g/(d |kappa|), P = unet_reg/(d kappa^2).
+sample as published, g / (||g|| + 1e-8) min(||g||, tau). Canonical: C1 = 1/(d kappa^2),
+G = lambda eta g/(d |kappa|), P = unet_reg/(d kappa^2). The RSM redesign (``REDESIGN``) changes only
+the schedule, and which reward gradient the arm puts in the rows, so it shares this loss.
 
 Unpruned (``unpruned_loss``): the target adds the value network g_psi, and a finite-difference
 consistency loss and a terminal loss train g_psi. Every reward gradient and direction inside them is
@@ -16,13 +18,16 @@ the reduction drops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from baselines.common import terminal_rows_mean
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
+from rsm_core.config import require
 from rsm_core.flows import per_sample
 from rsm_core.interfaces import SampleReward
 from rsm_core.kernels import reduce_per_sample
@@ -31,6 +36,8 @@ from rsm_core.transitions import Transitions
 from rsm_core.weighting import EtaMode, vgg_flow_eta
 
 FieldFn = Callable[[Tensor, Tensor], Tensor]  # (x, t (B,)) -> a latent-shaped output
+# The guard of the published per-sample clip g / (||g|| + 1e-8) min(||g||, tau) (vggflow train_vggflow.py).
+CLIP_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,36 @@ class VGGFlowConfig:
     coeff_terminal: float = 1000.0  # unpruned only
     fd_eps: float = 1e-4  # unpruned only: eps_t (in timestep units, t = 1000 sigma) and eps_x
 
+    def __post_init__(self) -> None:
+        require(self.eta_mode in get_args(EtaMode), "eta_mode", f"choose one of {list(get_args(EtaMode))}")
+        require(self.clip_threshold > 0, "clip_threshold", "must be positive")
+
+
+# The published configurations (fo_first_order spec §B.3): the pruned baseline (hpsv2_geneval.py),
+# the RSM redesign (hpsv2_geneval_ours.py: terminal estimator, "scaled linear" schedule) and the
+# Fig. 6(a,b) ablations that keep the baseline estimator with the linear schedule at either scale.
+PAPER = VGGFlowConfig(
+    reward_scale=3e7,
+    eta_mode="quad",
+    clip_threshold=1.0,
+    unet_reg_scale=0.0,
+    coeff_terminal=1000.0,
+    fd_eps=1e-4,
+)
+# the redesign also swaps the estimator: its arm puts the terminal gradient in the rows (the
+# registry entry's arm_config, ``training.use_saved_rgrad_x1``)
+REDESIGN = replace(PAPER, reward_scale=1.5e7, eta_mode="linear")
+LINEAR_A = replace(PAPER, eta_mode="linear")
+LINEAR_B = replace(PAPER, eta_mode="linear", reward_scale=1.5e7)
+
 
 def clip_norm(grad: Tensor, threshold: float) -> Tensor:
-    """g min(1, tau / ||g||) per sample."""
-    norm = reduce_per_sample(grad**2, "sum").sqrt()
-    scale = torch.clamp(threshold / norm.clamp(min=torch.finfo(grad.dtype).tiny), max=1.0)
-    return per_sample(scale, grad) * grad
+    """The published per-sample clip g / (||g|| + 1e-8) min(||g||, tau), ||.|| over all non-batch dims.
+
+    Not g min(1, tau / ||g||): the 1e-8 guard also shrinks small gradients (by 1 % at ||g|| = 1e-6).
+    """
+    norm = per_sample(reduce_per_sample(grad**2, "sum").sqrt(), grad)
+    return grad / (norm + CLIP_EPS) * norm.clamp(max=threshold)
 
 
 def _guidance(rows: Transitions, config: VGGFlowConfig) -> Tensor:
@@ -93,7 +124,7 @@ def coefficients(
 class UnprunedTerms:
     velocity: Tensor  # (B,)
     consistency: Tensor  # (B,)
-    terminal: Tensor  # (B,)
+    terminal: Tensor  # (B,) batch mean = the published mean over terminal rows, see terminal_rows_mean
 
     def total(self, config: VGGFlowConfig) -> Tensor:
         return self.velocity + self.consistency + config.coeff_terminal * self.terminal
@@ -156,7 +187,7 @@ def unpruned_loss(
     eta = per_sample(vgg_flow_eta(t, eta_mode), x)
     fd_value = ((value(moved, t) - scale * eta * grad_moved) - scale * v_hat) / eps
     consistency = reduce_per_sample(((time_diff - fd_reference - fd_value) / scale) ** 2, "mean")
-    terminal_loss = terminal * reduce_per_sample(value_now**2, "mean")
+    terminal_loss = terminal_rows_mean(reduce_per_sample(value_now**2, "mean"), terminal)
     return UnprunedTerms(velocity, consistency, terminal_loss)
 
 
@@ -210,7 +241,7 @@ METHODS = (
         name="reward-score-distillation-flow",
         title="Reward score distillation (flow)",
         family=Family.REDESIGN,
-        config=VGGFlowConfig(reward_scale=1.5e7, eta_mode="linear"),
+        config=REDESIGN,
         arm_config={**_ARM, "estimator": "terminal"},
         note="terminal-image reward gradient, eta = 1 - sigma at half the baseline's scale",
         **_TRAINING,
@@ -219,7 +250,7 @@ METHODS = (
         name="vgg-flow-linear-a",
         title="Linear Baseline A",
         family=Family.REDESIGN,
-        config=VGGFlowConfig(eta_mode="linear"),
+        config=LINEAR_A,
         arm_config=_ARM,
         note="the baseline's Tweedie estimator with eta = 1 - sigma at the baseline's scale",
         **_TRAINING,
@@ -228,7 +259,7 @@ METHODS = (
         name="vgg-flow-linear-b",
         title="Linear Baseline B",
         family=Family.REDESIGN,
-        config=VGGFlowConfig(reward_scale=1.5e7, eta_mode="linear"),
+        config=LINEAR_B,
         arm_config=_ARM,
         note="the baseline's Tweedie estimator with the redesign's scaled linear schedule",
         **_TRAINING,

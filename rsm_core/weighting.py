@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rsm_core import flows, kernels
+
 EtaMode = Literal["quad", "linear", "constant"]
 
 
@@ -39,6 +41,23 @@ def grpo_guard_weight(nu: Tensor, delta: Tensor) -> Tensor:
 def sqdf_discount(gamma: float, steps_remaining: Tensor) -> Tensor:
     """SQDF's gamma^{n_t}, n_t = number of steps remaining after this one."""
     return gamma ** steps_remaining.to(torch.float64)
+
+
+def gapped_ddpm_std(abar: Tensor, gap: int, alphas_cumprod: Tensor | None = None) -> Tensor:
+    """sigma~_t: the eta = 1 DDPM std from t to max(t - gap, 0), t the DDPM index of ``abar``.
+
+    The RSM SD1.5 trainer's 'sigma' strength and reward factor (fo_first_order spec §A.3 note, E.14):
+    its helper steps back 1000 // 51 = 19 indices because the subsampled timestep array has 51
+    columns, while the kernel steps 20. Rows carry abar_t rather than t, so t is looked up in the
+    table (default: SD1.5's); an abar that is not in it is an error.
+    """
+    table = flows.vp_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.double()
+    abar = torch.as_tensor(abar, dtype=torch.float64)
+    distance = (abar.reshape(-1, 1) - table).abs()
+    t = distance.argmin(dim=1)
+    if not bool(torch.all(distance[torch.arange(t.numel()), t] <= 1e-6 * abar.reshape(-1))):
+        raise ValueError("gapped_ddpm_std needs abar_t values of the DDPM table (rows on the SD1.5 grid)")
+    return kernels.ddpm_std(table[t], table[(t - gap).clamp(min=0)]).reshape(abar.shape)
 
 
 def influence(c1: Tensor, gamma: Tensor, kappa: Tensor, c: Tensor) -> Tensor:

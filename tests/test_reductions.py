@@ -184,6 +184,68 @@ def test_a_perturbed_coefficient_is_detected(method: Method, name: str, nets) ->
     assert errors.max() > 100 * TOLERANCE  # the checker flags anything above TOLERANCE
 
 
+# --- the first-order configs: every allowed combination reduces exactly ---------------------------
+
+NABLA_DB_CONFIGS = {
+    "paper": residual_nabla_db.PAPER,
+    "redesign": residual_nabla_db.REDESIGN,
+    "unpruned": residual_nabla_db.UNPRUNED,
+    "kernel-gap": replace(residual_nabla_db.REDESIGN, sigma_gap=20),
+    **{
+        f"strength={strength}/factor={factor}/policy={policy}": residual_nabla_db.NablaDBConfig(
+            pretrained_strength=strength, reward_adaptive_mode=factor, policy_score_strength=policy
+        )
+        for strength in (0.7, "sigma")
+        for factor in ("squared", "sigma")
+        for policy in ("lambda", "one")
+    },
+}
+VGG_FLOW_CONFIGS = {
+    "paper": vgg_flow.PAPER,
+    "redesign": vgg_flow.REDESIGN,
+    "linear-a": vgg_flow.LINEAR_A,
+    "linear-b": vgg_flow.LINEAR_B,
+}
+FIRST_ORDER_CASES = [
+    pytest.param("residual-nabla-db", config, id=f"nabla-db/{name}")
+    for name, config in NABLA_DB_CONFIGS.items()
+] + [pytest.param("vgg-flow", config, id=f"vgg-flow/{name}") for name, config in VGG_FLOW_CONFIGS.items()]
+
+
+@pytest.mark.parametrize(("name", "config"), FIRST_ORDER_CASES)
+def test_every_first_order_config_reduces(name: str, config, nets) -> None:
+    """Exact at theta_old and away from it, on rows that include t = 21 and t = 1 (where sigma~_t
+    departs most from nu_t); scaling G by 1.1 is detected."""
+    method = replace(registry.get(name), config=config)
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    grid = method.grid()
+    index = torch.randint(len(grid), (BATCH,), generator=torch.Generator().manual_seed(3))
+    index[:3] = torch.tensor([0, len(grid) - 2, len(grid) - 1])
+    rows = replace(rows, kernel=grid.kernel.select(index))
+    time = rows.kernel.point.sigma
+    rows = replace(rows, f_old=policy(rows.x, time).detach(), f_ref=reference(rows.x, time).detach())
+    away = moved(policy, 1e-1)
+    for net in (policy, away):
+        errors, _ = check(method, net, rows, time)
+        assert errors.max() <= TOLERANCE, f"{name} {config}: relative errors {errors.tolist()}"
+    errors, _ = check(method, away, rows, time, perturb=lambda c: _scaled(c, "g", 1.1))
+    assert errors.max() > 100 * TOLERANCE
+
+
+def test_the_policy_strength_one_changes_the_loss(nets) -> None:
+    """With l_t != 1 the original's strength-1 policy score is a different loss from the RSM trainer's."""
+    method = registry.get("residual-nabla-db")
+    policy, reference = nets
+    rows, time = make_rows(method, policy, reference)
+    rows = replace(rows, reward_grad=torch.zeros_like(rows.x))  # the scores alone
+    f_theta = moved(policy, 1e-1)(rows.x, time)
+    rsm = replace(residual_nabla_db.REDESIGN, policy_score_strength="lambda")
+    original = replace(residual_nabla_db.REDESIGN, policy_score_strength="one")
+    losses = [residual_nabla_db.loss(f_theta, rows, config).loss for config in (rsm, original)]
+    assert torch.all((losses[0] - losses[1]).abs() > 0.1 * losses[0])
+
+
 def test_the_ratio_form_needs_its_per_sample_ratio(nets) -> None:
     """PPO's ratio form matches the log form's coefficients only at theta_old: away from it the
     gradient differs by the factor rho per sample."""
@@ -230,18 +292,20 @@ def _theta_check(method: Method, policy, rows, time, total: Tensor, extra: Tenso
     assert relative_errors(native, without).max() > 1e3 * TOLERANCE
 
 
-def test_unpruned_nabla_db_extra_terms(nets) -> None:
-    method = registry.get("residual-nabla-db")
+def _nabla_db_unpruned(nets, terminal_rows: list[int]):
+    """(method, policy, residual net, rows, time, terminal mask, residual_next, terms) of the unpruned
+    nabla-DB on rows at steps other than the last, but ``terminal_rows`` at the last (t = 1 -> x_0)."""
+    method = replace(registry.get("residual-nabla-db"), config=residual_nabla_db.UNPRUNED)
     policy, reference = nets
     policy = moved(policy, 1e-1)  # the trust-region anchor active too
     residual = TinyNet(3).double()
     rows, time = make_rows(method, policy, reference)
     grid = method.grid()
-    index = torch.arange(BATCH) * 7 % len(grid)
-    index[-1] = len(grid) - 1  # one terminal transition (t = 1 -> x_0)
+    index = torch.arange(BATCH) * 7 % (len(grid) - 1)
+    index[terminal_rows] = len(grid) - 1
     kernel = grid.kernel.select(index)
     time, time_next = kernel.point.sigma, kernel.prev.sigma
-    rows = replace(rows, kernel=kernel, f_old=rows.f_old, f_ref=reference(rows.x, time).detach())
+    rows = replace(rows, kernel=kernel, f_ref=reference(rows.x, time).detach())
     terminal = index == len(grid) - 1
     residual_next = residual(rows.x_next.detach(), time_next)
     terms = residual_nabla_db.unpruned_loss(
@@ -254,6 +318,13 @@ def test_unpruned_nabla_db_extra_terms(nets) -> None:
         residual_next=residual_next,
         reward_grad_now=torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(5)),
         terminal=terminal,
+    )
+    return method, policy, residual, rows, time, terminal, residual_next, terms
+
+
+def test_unpruned_nabla_db_extra_terms(nets) -> None:
+    method, policy, residual, rows, time, terminal, residual_next, terms = _nabla_db_unpruned(
+        nets, [BATCH - 1]
     )
     theta, phi = list(policy.parameters()), list(residual.parameters())
     for name in ("backward", "terminal"):
@@ -273,14 +344,30 @@ def test_unpruned_nabla_db_extra_terms(nets) -> None:
     )
 
 
-def test_unpruned_vgg_flow_extra_terms(nets) -> None:
+def _published_terminal_loss(values: Tensor, terminal: Tensor) -> Tensor:
+    """The published (values * mask).sum() / (mask.sum() + 1e-6), written out by hand."""
+    mask = terminal.to(values.dtype)
+    return (values * mask).sum() / (mask.sum() + 1e-6)
+
+
+def test_unpruned_nabla_db_terminal_loss_is_the_published_mean(nets) -> None:
+    *_, terminal, residual_next, terms = _nabla_db_unpruned(nets, [2, 5])
+    assert int(terminal.sum()) == 2
+    published = _published_terminal_loss(reduce_per_sample(residual_next**2, "mean"), terminal)
+    assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
+    *_, terminal, _, terms = _nabla_db_unpruned(nets, [])
+    assert not terminal.any() and torch.all(terms.terminal == 0)
+
+
+def _vgg_flow_unpruned(nets, terminal_rows: list[int]):
+    """(method, policy, value net, rows, time, terms) of the unpruned VGG-Flow with ``terminal_rows``
+    marked as rows at the last sampling time."""
     method = registry.get("vgg-flow")
     policy, reference = nets
     value = TinyNet(4).double()
     rows, time = make_rows(method, policy, reference)
     terminal = torch.zeros(BATCH, dtype=torch.bool)
-    terminal[-1] = True
-    reward = frozen_lookahead_reward()
+    terminal[terminal_rows] = True
     terms = vgg_flow.unpruned_loss(
         policy(rows.x, time),
         rows,
@@ -288,9 +375,14 @@ def test_unpruned_vgg_flow_extra_terms(nets) -> None:
         policy=policy,
         reference=reference,
         value=value,
-        reward=reward,
+        reward=frozen_lookahead_reward(),
         terminal=terminal,
     )
+    return method, policy, value, rows, time, terms
+
+
+def test_unpruned_vgg_flow_extra_terms(nets) -> None:
+    method, policy, value, rows, time, terms = _vgg_flow_unpruned(nets, [BATCH - 1])
     theta, psi = list(policy.parameters()), list(value.parameters())
     for name in ("consistency", "terminal"):
         term = getattr(terms, name).sum()
@@ -302,11 +394,37 @@ def test_unpruned_vgg_flow_extra_terms(nets) -> None:
     )
 
 
+def test_unpruned_vgg_flow_terminal_loss_is_the_published_mean(nets) -> None:
+    _, _, value, rows, time, terms = _vgg_flow_unpruned(nets, [0, 3, 6])
+    terminal = torch.zeros(BATCH, dtype=torch.bool)
+    terminal[[0, 3, 6]] = True
+    published = _published_terminal_loss(reduce_per_sample(value(rows.x, time) ** 2, "mean"), terminal)
+    assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
+    assert torch.all(_vgg_flow_unpruned(nets, [])[-1].terminal == 0)
+
+
 def test_clip_norm_caps_each_sample() -> None:
     grad = torch.stack([torch.full(SHAPE, 0.01), torch.full(SHAPE, 10.0)])
     clipped_grad = vgg_flow.clip_norm(grad, 1.0)
     norms = reduce_per_sample(clipped_grad**2, "sum").sqrt()
     assert torch.allclose(clipped_grad[0], grad[0]) and torch.isclose(norms[1], torch.tensor(1.0))
+
+
+def test_clip_norm_is_the_published_formula_at_small_norms() -> None:
+    """At ||g|| = 1e-6 the published g / (||g|| + 1e-8) min(||g||, tau) is 1 % below g min(1, tau/||g||)."""
+    grad = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    grad = (
+        grad
+        / reduce_per_sample(grad**2, "sum").sqrt().reshape(-1, 1, 1)
+        * torch.tensor([1e-6, 5.0]).reshape(-1, 1, 1)
+    )
+    norm = grad.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+    published = grad / (norm + 1e-8) * norm.clamp(max=1.0)
+    previous = grad * torch.clamp(1.0 / norm, max=1.0)
+    ours = vgg_flow.clip_norm(grad, 1.0)
+    assert torch.allclose(ours, published, rtol=1e-14, atol=0)
+    shrink = 1 - ours[0].norm() / previous[0].norm()
+    assert shrink == pytest.approx(1e-8 / (1e-6 + 1e-8), rel=1e-9) and 0.0098 < shrink < 0.0100
 
 
 def test_a_loss_names_the_fields_its_rows_lack() -> None:
