@@ -48,7 +48,6 @@ CONSTANTS = [
     pytest.param(NABLA.REDESIGN, "sigma_gap", 19, id="nabla-ours-sigma_gap"),  # 1000 // 51
     pytest.param(NABLA.REDESIGN, "reward_scale", 5e5, id="nabla-ours-reward_scale"),  # §D: 5e5 sigma_t g
     pytest.param(NABLA.REDESIGN, "unet_reg_scale", 1e2, id="nabla-ours-unet_reg_scale"),  # §D: same TR
-    # --- Fig. 6(c,d) ablation, spec §A.3: OURS with use_z0: false
     # --- unpruned nabla-DB, spec §A.6: the PB config plus the original's loss settings
     pytest.param(NABLA.UNPRUNED, "reverse_loss_scale", 1.0, id="nabla-unpruned-reverse_loss_scale"),
     pytest.param(NABLA.UNPRUNED, "terminal_loss_scale", 1.0, id="nabla-unpruned-terminal_loss_scale"),
