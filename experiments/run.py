@@ -93,8 +93,8 @@ class RunConfig:
     method: str = "tempflow-grpo"  # a trainable method of baselines/registry.py
     seed: int = 42  # rollout noise, prompt draws and the LoRA initialisation; shard r uses seed + r
     model: ModelConfig = field(default_factory=ModelConfig)
-    # the training reward: the tiny world's (shapes_*), or at paper scale "aesthetic" (LAION) or
-    # "geneval-server" (the remote GenEval detector; "-strict" variants for evaluation)
+    # the training reward: the tiny world's (shapes_*), or at paper scale "aesthetic" (LAION), "pickscore"
+    # or "geneval-server" (the remote GenEval detector; "-strict" variants for evaluation)
     reward: str = "shapes_aesthetic"
     eval_extra: list[str] = field(default_factory=list)  # more rewards measured at each evaluation
     geneval_url: str = ""  # geneval-server: "" = $TEMPFLOW_GENEVAL_REWARD_URL or http://127.0.0.1:18085
@@ -267,6 +267,10 @@ def reward_functions(config: RunConfig, device: str | torch.device = "cpu") -> d
         from reward_models.laion_aesthetic import LAIONAesthetic
 
         available["aesthetic"] = LAIONAesthetic(device=device)
+    if "pickscore" in names:  # PickScore (CLIP ViT-H/14), divided by 26 as Flow-GRPO logs it
+        from reward_models.pickscore import PickScore
+
+        available["pickscore"] = PickScore(device=device)
     missing = [name for name in names if name not in available]
     if missing:
         raise ConfigError(
