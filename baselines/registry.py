@@ -22,7 +22,7 @@ from baselines.method import Family, Method
 METHODS: tuple[Method, ...] = (
     *vgg_flow.METHODS,
     sqdf.METHOD,
-    residual_nabla_db.METHOD,
+    *residual_nabla_db.METHODS,
     reinforce.METHOD,
     *grpo.METHODS,
     *pcpo.METHODS,

@@ -48,7 +48,9 @@ CONFIGS = Path(__file__).parent / "configs" / "run"
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["tiny-flow", "sd35"] = "tiny-flow"
+    # "tiny": the tiny world's model of the method's family (tiny-flow for rectified-flow methods,
+    # tiny-diffusion for eps-prediction ones); "sd35": SD3.5-M
+    backbone: Literal["tiny", "tiny-flow", "tiny-diffusion", "sd35"] = "tiny"
     path: str = "stabilityai/stable-diffusion-3.5-medium"  # sd35: hub id (local cache) or directory
     lora_rank: int = 32
     lora_alpha: float = 64.0
@@ -180,8 +182,27 @@ def sections(cfg: DictConfig | RunConfig, prefix: str = "") -> Sections:
     for name in ("model", "prompts", "loop"):
         _instantiate(type(getattr(RunConfig(), name)), [node[name]], f"{prefix}{name}")
     run = _instantiate(RunConfig, [node], prefix.rstrip("."))
+    run.model.backbone = model_family(method, run.model.backbone, f"{prefix}model.backbone")
     run.arm, run.objective = dataclasses.asdict(arm), dataclasses.asdict(objective)
     return Sections(run, method, kind, arm, objective)
+
+
+# the flow each backbone samples: rectified flow with velocity ("v") or VP with eps ("eps")
+BACKBONE_PREDICTION = {"tiny-flow": "v", "sd35": "v", "tiny-diffusion": "eps"}
+
+
+def model_family(method: Method, backbone: str, key: str) -> str:
+    """``backbone`` with "tiny" resolved to the tiny world's model of the method's family; a model of
+    the other family (a diffusion method on a flow) is a config error naming the right one."""
+    prediction = method.grid().kernel.point.prediction
+    fitting = [name for name, kind in BACKBONE_PREDICTION.items() if kind == prediction]
+    if backbone == "tiny":
+        return next(name for name in fitting if name.startswith("tiny"))
+    if BACKBONE_PREDICTION[backbone] != prediction:
+        raise InvalidValue(
+            key, f"{method.name} trains a {prediction}-prediction model; choose one of {fitting}"
+        )
+    return backbone
 
 
 def resolve(cfg: DictConfig | RunConfig, prefix: str = "") -> DictConfig:
@@ -237,7 +258,12 @@ def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = 
     else:
         from rsm_core.world.assets import load_backbones
 
-        backbone = load_backbones().flow
+        if config.backbone not in ("tiny-flow", "tiny-diffusion"):
+            raise ValueError(
+                f"model.backbone={config.backbone!r} is unresolved; build from sections(config).run"
+            )
+        tiny = load_backbones()
+        backbone = tiny.diffusion if config.backbone == "tiny-diffusion" else tiny.flow
     torch.manual_seed(seed)
     backbone.add_lora(
         config.lora_rank, config.lora_alpha, config.lora_init, name=POLICY, targets=config.lora_targets
@@ -251,7 +277,7 @@ def reward_functions(config: RunConfig, device: str | torch.device = "cpu") -> d
     LAION predictor on it took about an hour per paper epoch."""
     names = [config.reward, *config.eval_extra]
     available: dict[str, Reward] = {}
-    if config.model.backbone == "tiny-flow":
+    if config.model.backbone.startswith("tiny"):
         from reward_models.world import world_rewards
 
         available |= world_rewards()
@@ -371,7 +397,7 @@ def training_device(accelerator, backbone: str, allow_cpu: bool) -> torch.device
     device = torch.device(
         accelerator.device if accelerator else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    if device.type == "cpu" and backbone != "tiny-flow" and not allow_cpu:
+    if device.type == "cpu" and not backbone.startswith("tiny") and not allow_cpu:
         raise ConfigError(
             f"model.backbone={backbone} is paper scale and this process sees no CUDA GPU "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it on a GPU "
