@@ -19,7 +19,7 @@ endif
 
 .DEFAULT_GOAL := help
 METHOD      ?= tempflow-grpo
-.PHONY: help setup test test-slow lint train fig3 fig-zo-flow paper-data paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv plan
+.PHONY: help setup test test-slow lint train fig3 fig-zo-flow fig5 fig6 paper-data paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv plan
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ fig-zo-flow: setup  ## GenEval validation: lowsnr2 + matching + fair clip2 vs Te
 
 paper-data: setup  ## fetch the paper runs' prompt files and aesthetic head, sha256-checked, into $RSM_BENCH_DATA (or ~/.cache/rsm_bench)
 	$(PY) -m experiments.paper_data $(ARGS)
+
+fig5: setup  ## Figure 5: first-order redesign vs pruned VGG-Flow (flow) and nabla-DB (diffusion) (SCALE=smoke|tiny)
+	$(PY) -m experiments.fig5 --scale $(SCALE) $(ARGS)
+
+fig6: setup  ## Figure 6: estimator or weighting? Linear Baselines A/B, the estimator ablation (SCALE=smoke|tiny)
+	$(PY) -m experiments.fig6 --scale $(SCALE) $(ARGS)
 
 FIG         ?= fig3
 paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow, SCALE=paper|1gpu)

@@ -37,6 +37,9 @@ class SweepConfig:
     run: RunConfig = field(default_factory=RunConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=list)  # empty: every arm of the figure
+    # this scale's settings of single arms, over the figure's arm table (e.g. the tiny world's
+    # re-tuned reward scales, which differ per method as the published ones do)
+    arm_overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(len(self.seeds) >= 1, "seeds", "name at least one seed")
@@ -98,12 +101,17 @@ def _plain(value):
 
 
 def frame(
-    sweep: Path, arms: list[str], seeds: list[int], extra: dict[str, tuple[str, ...]] | None = None
+    sweep: Path,
+    arms: list[str],
+    seeds: list[int],
+    extra: dict[str, tuple[str, ...]] | None = None,
+    divergence: str = "kl",
 ) -> pd.DataFrame:
     """Every evaluation row of every run, long format (one row per arm, seed and evaluated epoch).
 
     ``extra``: more columns, each read from the first of its candidate metric keys a row has (the
-    same quantity is logged under the name of the tiny or the paper-scale reward)."""
+    same quantity is logged under the name of the tiny or the paper-scale reward). ``divergence``
+    names the column of the evaluation's KL, or of the transition drift of ODE-trained arms."""
     extra = extra or {}
     rows = []
     for arm in arms:
@@ -118,7 +126,7 @@ def frame(
                         "epoch": row["epoch"],
                         "wallclock_h": row["wallclock_h"],
                         "nfe": row["nfe"],
-                        "kl": row["eval_kl"],
+                        divergence: row["eval_kl"] if "eval_kl" in row else row["eval_drift"],
                         "reward": row["eval_reward"],
                         "train_reward": row.get("reward_mean", float("nan")),
                         **{
@@ -127,22 +135,33 @@ def frame(
                         },
                     }
                 )
-    return pd.DataFrame(rows, columns=[*COLUMNS, *extra])
+    columns = [divergence if column == "kl" else column for column in COLUMNS]
+    return pd.DataFrame(rows, columns=[*columns, *extra])
+
+
+def _draw(ax: plt.Axes, part: pd.DataFrame, x: str, y: str, arm: str) -> None:
+    """One arm: the mean over seeds at each evaluated epoch (x and y both averaged) and the band from
+    the lowest to the highest seed."""
+    by_epoch = part.groupby("epoch")
+    mean = by_epoch.mean(numeric_only=True)
+    low, high = by_epoch.min(numeric_only=True), by_epoch.max(numeric_only=True)
+    label = f"{arm} ({part['seed'].nunique()} seeds)"
+    (line,) = ax.plot(mean[x], mean[y], marker="o", markersize=3, label=label)
+    ax.fill_between(mean[x], low[y], high[y], color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+WALLCLOCK = "training wall-clock, hours\n(sampling + reward + updates)"
+DRIFT = "transition drift to the reference\n(mean over steps of mean_d (dt (v - v_ref))^2)"
+KL = "KL to the reference\n(per element, mean over the sampler's steps)"
 
 
 def plot_panels(data: pd.DataFrame, stem: Path, title: str, ylabel: str, y: str = "reward") -> list[Path]:
-    """(a) y vs training wall-clock, (b) y vs KL: per arm the mean over seeds at each evaluated epoch
-    (x and y both averaged) and the band from the lowest to the highest seed."""
+    """(a) y vs training wall-clock, (b) y vs KL, per arm with its seed band."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
     for arm, part in data.groupby("arm", sort=False):
-        by_epoch = part.groupby("epoch")
-        mean = by_epoch.mean(numeric_only=True)
-        low, high = by_epoch.min(numeric_only=True), by_epoch.max(numeric_only=True)
-        seeds = part["seed"].nunique()
         for ax, x in zip(axes, ("wallclock_h", "kl"), strict=True):
-            (line,) = ax.plot(mean[x], mean[y], marker="o", markersize=3, label=f"{arm} ({seeds} seeds)")
-            ax.fill_between(mean[x], low[y], high[y], color=line.get_color(), alpha=0.2, linewidth=0)
-    axes[0].set_xlabel("training wall-clock, hours\n(sampling + reward + updates)")
+            _draw(ax, part, x, y, arm)
+    axes[0].set_xlabel(WALLCLOCK)
     axes[1].set_xlabel("KL to the reference\n(per element, summed over the trained steps)")
     for ax in axes:
         ax.set_ylabel(ylabel)
@@ -150,6 +169,40 @@ def plot_panels(data: pd.DataFrame, stem: Path, title: str, ylabel: str, y: str 
     axes[0].set_title("(a) reward vs wall-clock", fontsize=10)
     axes[1].set_title("(b) reward vs KL", fontsize=10)
     axes[1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, data, stem)
+
+
+@dataclass(frozen=True)
+class PanelRow:
+    """One row of a two-family figure: its arms and what its divergence axis measures."""
+
+    name: str
+    arms: list[str]
+    divergence_label: str
+
+
+def plot_rows(data: pd.DataFrame, stem: Path, title: str, ylabel: str, rows: list[PanelRow]) -> list[Path]:
+    """Per row (a model family): y vs wall-clock, y vs its divergence (``kl_or_drift``); panels
+    lettered (a), (b), (c), ... row by row as in the paper."""
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(11, 4.2 * len(rows)), constrained_layout=True, squeeze=False
+    )
+    for r, row in enumerate(rows):
+        for arm in row.arms:
+            part = data[data["arm"] == arm]
+            if part.empty:
+                continue
+            for ax, x in zip(axes[r], ("wallclock_h", "kl_or_drift"), strict=True):
+                _draw(ax, part, x, "reward", arm)
+        axes[r, 0].set_xlabel(WALLCLOCK)
+        axes[r, 1].set_xlabel(row.divergence_label)
+        for c, ax in enumerate(axes[r]):
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            kind = "wall-clock" if c == 0 else row.divergence_label.split("\n")[0]
+            ax.set_title(f"({chr(97 + 2 * r + c)}) {row.name}: reward vs {kind}", fontsize=10)
+        axes[r, 1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, data, stem)
 
@@ -164,7 +217,10 @@ def main(
     ylabel: str,
     y: str = "reward",
     extra: dict[str, tuple[str, ...]] | None = None,
+    rows: list[PanelRow] | None = None,
 ) -> None:
+    """Run every arm x seed of ``figure`` at a scale (reusing complete runs) and draw it: two panels,
+    or with ``rows`` one row of two panels per model family."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     configs = Path(__file__).parent / "configs" / figure
     parser.add_argument("--scale", default="tiny", help=f"smoke | tiny | paper | 1gpu ({configs}/*.yaml)")
@@ -182,9 +238,10 @@ def main(
 
     cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
     chosen = list(cfg.arms) or list(arms)
-    unknown = sorted(set(chosen) - set(arms))
+    unknown = sorted((set(chosen) | set(cfg.arm_overrides)) - set(arms))
     if unknown:
         raise ConfigError(f"unknown arms {unknown} for {figure}; choose from {list(arms)}")
+    arms = {arm: [*overrides, *cfg.arm_overrides.get(arm, [])] for arm, overrides in arms.items()}
     # every run's config is resolved and checked before the first one starts
     configs_by_run = {(arm, seed): arm_config(cfg, arms[arm], seed) for arm in chosen for seed in cfg.seeds}
     OmegaConf.to_object(cfg)  # the sweep's own checks (its run section passed above)
@@ -215,8 +272,12 @@ def main(
             run(config, sweep, name, allow_cpu=args.allow_cpu)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch the main process draws the figure
-    data = frame(sweep, chosen, list(cfg.seeds), extra)
     stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
-    paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y)
+    if rows is None:
+        data = frame(sweep, chosen, list(cfg.seeds), extra)
+        paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y)
+    else:
+        data = frame(sweep, chosen, list(cfg.seeds), extra, divergence="kl_or_drift")
+        paths = plot_rows(data, stem, f"{title} ({args.scale})", ylabel, rows)
     minutes = (time.perf_counter() - started) / 60
     print(f"{figure} done in {minutes:.1f} min: runs in {sweep}; figure " + ", ".join(str(p) for p in paths))
