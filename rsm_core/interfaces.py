@@ -121,6 +121,16 @@ class Objective:
     needs: tuple[str, ...] = ()  # Transitions fields the loss reads
 
 
+def check_needs(objective: Objective, provides: Sequence[str], arm: str) -> None:
+    """Fail at construction when a method's loss reads row fields this arm kind never fills."""
+    missing = [name for name in objective.needs if name not in provides]
+    if missing:
+        raise ValueError(
+            f"{objective.name} needs the row fields {missing}, which the {arm} arm does not fill (it "
+            f"provides {list(provides)}); train it with another arm kind"
+        )
+
+
 class Arm(Protocol):
     """One method on one backbone and one data shard: what the loop calls, in this order."""
 

@@ -58,7 +58,7 @@ def frozen_lookahead_reward() -> Callable[[Tensor], Tensor]:
 
 
 def make_rows(
-    method: Method, policy: TinyNet, reference: TinyNet, seed: int = 0
+    method: Method, policy: TinyNet, reference: TinyNet, seed: int = 0, signal_scale: float = 1.0
 ) -> tuple[Transitions, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     grid = method.grid()
@@ -77,7 +77,7 @@ def make_rows(
         noise=torch.randn(BATCH, *SHAPE, generator=gen),
         advantage=advantage,
         reward=torch.randn(BATCH, generator=gen),
-        reward_grad=torch.randn(BATCH, *SHAPE, generator=gen),
+        reward_grad=signal_scale * torch.randn(BATCH, *SHAPE, generator=gen),
         steps_remaining=grid.steps_remaining[index],
         branch_weight=0.5 + 1.5 * torch.rand(BATCH, generator=gen),
         lookahead_reward=frozen_lookahead_reward(),
@@ -172,9 +172,13 @@ def _scaled(coef: Coefficients, name: str, factor: float) -> Coefficients:
 @pytest.mark.parametrize("name", ["c1", "g", "p"])
 @pytest.mark.parametrize("method", REDUCED, ids=IDS)
 def test_a_perturbed_coefficient_is_detected(method: Method, name: str, nets) -> None:
-    """Scaling one declared coefficient by 1.1 breaks the identity (where that term has a gradient)."""
+    """Scaling one declared coefficient by 1.1 breaks the identity (where that term has a gradient).
+    The reward gradient is scaled down by the method's reward scale so that, with the redesign's
+    small sigma~ strengths too, the C1 term is not drowned by R g."""
     policy, reference = nets
-    rows, time = make_rows(method, policy, reference)
+    rows, time = make_rows(
+        method, policy, reference, signal_scale=1 / getattr(method.config, "reward_scale", 1.0)
+    )
     net = moved(policy, 1e-1)
     f_theta = net(rows.x, time)
     coef = method.coefficients(f_theta, rows, method.config, method.loss(f_theta, rows, method.config).active)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from baselines import registry
+from baselines import registry, vgg_flow
 from baselines.common import flow_step
 from baselines.influence import influence
 from experiments import fig_nim, table1
@@ -35,7 +35,8 @@ def test_influence_matches_the_spec_table() -> None:
         "grpo-guard": sde.w * sde.nu * sde.nu / delta,
         "sqdf": sqdf.gamma ** registry.get("sqdf").grid().steps_remaining.double() * ddpm.w * ddpm.nu,
         "residual-nabla-db": 2 * nabla.reward_scale * ddpm.prev.alpha**2 * ddpm.w / ddpm.nu,
-        "vgg-flow": 2 * vgg.reward_scale * (1 - ode.point.sigma) ** 2,
+        # the published clip g / (|g| + 1e-8) min(|g|, tau) of the unit signal (|g| = tau = 1)
+        "vgg-flow": 2 * vgg.reward_scale * (1 - ode.point.sigma) ** 2 / (1 + vgg_flow.CLIP_EPS),
     }
     for name, h in expected.items():
         torch.testing.assert_close(influence(registry.get(name)), h, rtol=1e-12, atol=0, msg=name)

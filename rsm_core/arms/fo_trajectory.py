@@ -32,7 +32,7 @@ from rsm_core.budget import Budget
 from rsm_core.config import require
 from rsm_core.flows import per_sample
 from rsm_core.grids import Grid
-from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
+from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward, check_needs
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.scoring import decode_and_score
 from rsm_core.transitions import Transitions
@@ -151,12 +151,7 @@ class FOTrajectoryArm:
         world: int = 1,
         eval_extra: dict[str, Reward] | None = None,
     ) -> None:
-        missing = [name for name in objective.needs if name not in self.PROVIDES]
-        if missing:
-            raise ValueError(
-                f"{objective.name} needs the row fields {missing}, which the first-order arm does not "
-                f"fill (it provides {list(self.PROVIDES)}); train it with another arm kind"
-            )
+        check_needs(objective, self.PROVIDES, "first-order")
         if not getattr(reward, "differentiable", False):
             raise ValueError(
                 f"{objective.name} trains on reward gradients; reward {getattr(reward, 'name', reward)!r} "

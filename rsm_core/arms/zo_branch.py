@@ -22,7 +22,7 @@ from rsm_core import estimators, profiles
 from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
 from rsm_core.config import require
-from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward
+from rsm_core.interfaces import Backbone, Objective, ParamGroup, Reward, check_needs
 from rsm_core.rollout import branching_rollout
 from rsm_core.scoring import ScoreQueue, decode_and_score
 from rsm_core.transitions import Transitions
@@ -141,12 +141,7 @@ class ZOBranchArm:
     ) -> None:
         """``rank`` of ``world`` data-parallel shards (processes, or shards accumulated in one process);
         ``eval_extra``: more rewards to measure on the evaluation images (e.g. strict GenEval)."""
-        missing = [name for name in objective.needs if name not in self.PROVIDES]
-        if missing:
-            raise ValueError(
-                f"{objective.name} needs the row fields {missing}, which the branching arm does not "
-                f"collect (it provides {list(self.PROVIDES)}); train it with another arm kind"
-            )
+        check_needs(objective, self.PROVIDES, "branching")
         if objective.kl is None or objective.diagnostics is None:
             raise ValueError(f"the branching arm needs {objective.name}'s per-row KL and diagnostics")
         self.backbone, self.reward, self.objective, self.config = backbone, reward, objective, config
