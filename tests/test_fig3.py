@@ -83,6 +83,7 @@ def test_paper_scale_without_a_gpu_stops_before_creating_a_run(tmp_path: Path) -
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a minute of benchmark epochs; `make test-slow`
 def test_bench_measures_the_minimum_nfe(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     bench.main(["--scale", "smoke", "--epochs", "1", "--out", str(out)])
