@@ -57,7 +57,6 @@ class FOTrajectoryConfig:
     estimator: Estimator = "tweedie"
     microbatch_rows: int = 4  # rows per forward pass (memory only: an update's rows are fixed)
     decode_chunk: int = 12
-    eval_steps: int = 20
     eval_batch: int = 8
     eval_images_per_prompt: int = 1
     eval_seed: int = 1234
@@ -68,7 +67,7 @@ class FOTrajectoryConfig:
     def __post_init__(self) -> None:
         for name in ("sampler_steps", "trajectories_per_epoch", "collection_batch", "microbatch_rows"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("decode_chunk", "eval_steps", "eval_batch", "eval_images_per_prompt"):
+        for name in ("decode_chunk", "eval_batch", "eval_images_per_prompt"):
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(
             self.trajectories_per_epoch % self.collection_batch == 0,
