@@ -95,8 +95,8 @@ class RunConfig:
     method: str = "tempflow-grpo"  # a trainable method of baselines/registry.py
     seed: int = 42  # rollout noise, prompt draws and the LoRA initialisation; shard r uses seed + r
     model: ModelConfig = field(default_factory=ModelConfig)
-    # the training reward: the tiny world's (shapes_*), or at paper scale "aesthetic" (LAION), "pickscore"
-    # or "geneval-server" (the remote GenEval detector; "-strict" variants for evaluation)
+    # the training reward: the tiny world's (shapes_*), or at paper scale "aesthetic" (LAION), "pickscore",
+    # "hpsv2" (HPSv2.1) or "geneval-server" (the remote GenEval detector; "-strict" variants for evaluation)
     reward: str = "shapes_aesthetic"
     eval_extra: list[str] = field(default_factory=list)  # more rewards measured at each evaluation
     geneval_url: str = ""  # geneval-server: "" = $TEMPFLOW_GENEVAL_REWARD_URL or http://127.0.0.1:18085
@@ -297,6 +297,10 @@ def reward_functions(config: RunConfig, device: str | torch.device = "cpu") -> d
         from reward_models.pickscore import PickScore
 
         available["pickscore"] = PickScore(device=device)
+    if "hpsv2" in names:  # HPSv2.1 (CLIP ViT-H/14), the first-order runs' reward: cosine, no logit scale
+        from reward_models.hpsv2 import HPSv2
+
+        available["hpsv2"] = HPSv2(device=device)
     missing = [name for name in names if name not in available]
     if missing:
         raise ConfigError(
@@ -368,8 +372,9 @@ def accelerator_if_launched():
 
 def run_inputs(config: DictConfig | RunConfig) -> dict:
     """What a run reads besides its config and must match to be resumed or reused: fingerprints of
-    the weights (the tiny world's manifest, or the SD3.5-M folder), the aesthetic head and the prompt
-    files (rsm_core.records.content_fingerprint). A missing file is an error here, before any run."""
+    the weights (the tiny world's manifest, or the SD3.5-M folder), the aesthetic head, the HPS
+    checkpoint and the prompt files (rsm_core.records.content_fingerprint). A missing file is an error
+    here, before any run."""
     inputs: dict[str, str | dict[str, str]] = {}
     if config.model.backbone == "sd35":
         from rsm_core.backbones.stable_diffusion import SD35_COMPONENTS, SD35_REPO, resolve_weights
@@ -385,6 +390,12 @@ def run_inputs(config: DictConfig | RunConfig) -> dict:
         head = default_head_path()
         if head.is_file():  # without it the reward's loader stops, naming where to get it
             inputs["aesthetic_head"] = content_fingerprint(head)
+    if "hpsv2" in [config.reward, *config.eval_extra]:
+        from reward_models.hpsv2 import find_checkpoint
+
+        checkpoint = find_checkpoint()
+        if checkpoint is not None:  # without it the reward's loader stops, naming where to get it
+            inputs["hpsv2_checkpoint"] = content_fingerprint(checkpoint)
     if config.prompts.source == "files":
         files = {"train": config.prompts.train_file, "test": config.prompts.test_file}
         inputs["prompts"] = {split: content_fingerprint(data_file(file)) for split, file in files.items()}

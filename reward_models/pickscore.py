@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from reward_models.base import load_local, unit_features
 from reward_models.laion_aesthetic import CLIP_MEAN, CLIP_STD, clip_preprocess
 from rsm_core.records import AssetError
 
@@ -36,16 +37,7 @@ BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as the processor config stores it
 
 
 def _load(kind: str, source: str | Path, loader: type):
-    """``loader.from_pretrained`` with local files only; a failure is a one-line asset error naming the
-    downloads."""
-    try:
-        return loader.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError) as error:
-        detail = " ".join(str(error).split())  # transformers' messages span several lines
-        raise AssetError(
-            f"pickscore reward: no {kind} at {str(source)!r} (looked for a local directory, then for that "
-            f"hub id in the local Hugging Face cache; {type(error).__name__}: {detail}); {HOW_TO_GET}"
-        ) from None
+    return load_local("pickscore", kind, source, loader, HOW_TO_GET)
 
 
 def load_model(source: str | Path):
@@ -119,7 +111,7 @@ class PickScore(nn.Module):
         """L2-normalised projected image embeddings (B, projection_dim), differentiable in the images."""
         parameter = next(self.clip.parameters())
         pixels = clip_preprocess(images.to(device=parameter.device, dtype=parameter.dtype), self.image_size)
-        return _normalised(self.clip.get_image_features(pixel_values=pixels))
+        return unit_features(self.clip.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> Tensor:
@@ -128,7 +120,7 @@ class PickScore(nn.Module):
             list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
         )
         device = next(self.clip.parameters()).device
-        return _normalised(self.clip.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))
+        return unit_features(self.clip.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))
 
     def raw(self, images: Tensor, prompts: list[str]) -> Tensor:
         """PickScore as its authors define it: exp(logit_scale) x cosine(image, prompt), (B,)."""
@@ -139,9 +131,3 @@ class PickScore(nn.Module):
 
     def forward(self, images: Tensor, prompts: list[str], meta: list[dict] | None = None) -> Tensor:
         return (self.raw(images, prompts) / FLOW_GRPO_DIVISOR).float()
-
-
-def _normalised(output) -> Tensor:
-    # transformers < 5 returns the tensor, >= 5 a BaseModelOutputWithPooling holding it as pooler_output
-    features = output if isinstance(output, Tensor) else output.pooler_output
-    return features / torch.linalg.vector_norm(features, dim=-1, keepdim=True)

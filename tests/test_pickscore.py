@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_clip import BOS_ID, EOS_ID, VOCAB_SIZE, fake_hub_cache, tokenizer_files, use_cache
 
 from reward_models.laion_aesthetic import clip_preprocess
 from reward_models.pickscore import FLOW_GRPO_DIVISOR, MAX_TOKENS, MODEL_REPO, PROCESSOR_REPO, PickScore
@@ -18,21 +18,6 @@ from rsm_core.records import AssetError
 
 IMAGE_SIZE = 32
 PROMPTS = ["a red cube", "two blue spheres on a table", "a cat"]
-
-
-def _tokenizer_files(directory: Path) -> None:
-    """A CLIP BPE tokenizer over single characters (vocab.json, merges.txt), saved by transformers."""
-    from transformers import CLIPTokenizer
-
-    chars = string.ascii_lowercase + string.digits
-    vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars)])}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}  # eos has the largest id
-    source = directory / "source"
-    source.mkdir()
-    (source / "vocab.json").write_text(json.dumps(vocab))
-    (source / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt")).save_pretrained(directory)
-    shutil.rmtree(source)
 
 
 def _preprocessor_config(size: int = IMAGE_SIZE, **changes) -> dict:
@@ -58,13 +43,13 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pickscore")
     processor = root / "processor"
     processor.mkdir()
-    _tokenizer_files(processor)
+    tokenizer_files(processor)
     (processor / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config()))
 
     small = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = {**small, "vocab_size": 74, "max_position_embeddings": MAX_TOKENS}
+    text = {**small, "vocab_size": VOCAB_SIZE, "max_position_embeddings": MAX_TOKENS}
     config = CLIPConfig(
-        text_config={**text, "bos_token_id": 72, "eos_token_id": 73, "pad_token_id": 73},
+        text_config={**text, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID},
         vision_config={**small, "image_size": IMAGE_SIZE, "patch_size": 8},
         projection_dim=16,
         logit_scale_init_value=4.0,  # exp = 54.6, nearer PickScore's 100 than CLIP's default 14.3
@@ -77,29 +62,13 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     return {"model": root / "model", "processor": processor}
 
 
-def _fake_hub_cache(cache: Path, repos: dict[str, Path]) -> None:
-    """The Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/ with the files."""
-    commit = "0" * 40
-    for repo, files in repos.items():
-        storage = cache / f"models--{repo.replace('/', '--')}"
-        (storage / "refs").mkdir(parents=True)
-        (storage / "refs" / "main").write_text(commit)
-        shutil.copytree(files, storage / "snapshots" / commit)
-
-
-def _use_cache(monkeypatch, cache: Path) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-
-
 @pytest.fixture(scope="module")
 def reward(saved, tmp_path_factory) -> PickScore:
     """Built with the default hub ids, found in a fake cache holding both repos."""
     cache = tmp_path_factory.mktemp("hf_cache")
-    _fake_hub_cache(cache, {MODEL_REPO: saved["model"], PROCESSOR_REPO: saved["processor"]})
+    fake_hub_cache(cache, {MODEL_REPO: saved["model"], PROCESSOR_REPO: saved["processor"]})
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _use_cache(monkeypatch, cache)
+        use_cache(monkeypatch, cache)
         return PickScore()
 
 
@@ -189,7 +158,7 @@ def _one_line_naming_the_downloads(message: str) -> None:
 
 
 def test_missing_model_or_processor_is_one_line_naming_the_downloads(saved, tmp_path, monkeypatch) -> None:
-    _use_cache(monkeypatch, tmp_path / "empty_cache")
+    use_cache(monkeypatch, tmp_path / "empty_cache")
     with pytest.raises(AssetError, match="no PickScore model at 'yuvalkirstain/PickScore_v1'") as info:
         PickScore()
     _one_line_naming_the_downloads(str(info.value))
