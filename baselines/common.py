@@ -86,3 +86,10 @@ def terminal_rows_mean(values: Tensor, terminal: Tensor) -> Tensor:
     """
     mask = terminal.to(values.dtype)
     return mask * values * (values.shape[0] / (mask.sum() + TERMINAL_EPS))
+
+
+def row_norm(values: Tensor) -> Tensor:
+    """Per row ||values|| over every non-batch dimension, detached. The unpruned algorithms log it for
+    their auxiliary network's output and for the reward term it corrects: the ratio of the two is the
+    paper's Fig. 8 (it finds the auxiliary output negligible)."""
+    return reduce_per_sample(values.detach().double() ** 2, "sum").sqrt()

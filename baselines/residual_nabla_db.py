@@ -13,10 +13,11 @@ C1 = l_theta^2 b^2/(d nu^4), G = l_theta b [R k_t g + (l_t - l_theta)(mu_ref - x
 P = unet_reg_scale/(d kappa^2): with l_theta != l_t the reference score keeps a theta-free part in
 the target, a per-sample constant like the reward term.
 
-The unpruned algorithm (``unpruned_loss``) adds the residual network g_phi to the forward target,
-a backward loss L_B on input-Jacobian scores and a terminal loss on g_phi. Their effect on theta:
-L_B and the terminal loss carry no gradient to theta, and g_phi enters only as extra guidance in G,
-which the reduction drops (the paper finds g_phi collapses to ~0).
+The unpruned algorithm (``unpruned_loss``; registered as ``residual-nabla-db-unpruned``) adds the
+residual network g_phi to the forward target, a backward loss L_B on input-Jacobian scores and a
+terminal loss on g_phi. Their effect on theta: L_B and the terminal loss carry no gradient to theta,
+and g_phi enters only as extra guidance in G (the registered reduction folds it in; the pruned one
+drops it: the paper finds g_phi collapses to ~0).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from baselines.common import terminal_rows_mean
+from baselines.common import row_norm, terminal_rows_mean
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.config import require
@@ -172,6 +173,8 @@ class UnprunedTerms:
     backward: Tensor  # (B,) L_B
     terminal: Tensor  # (B,) g_phi(x_0)^2 terms whose batch mean is the published L_T (terminal_rows_mean)
     trust_region: Tensor  # (B,)
+    residual_norm: Tensor  # (B,) ||g_phi(x_t', t')||
+    reward_norm: Tensor  # (B,) ||R k_t g||, the reward term g_phi corrects (their ratio: Fig. 8)
 
     def total(self, config: NablaDBConfig) -> Tensor:
         return (
@@ -229,7 +232,77 @@ def unpruned_loss(
     backward = reduce_per_sample((b_theta - backward_target) ** 2, "mean")
 
     terminal_loss = terminal_rows_mean(reduce_per_sample(residual_next**2, "mean"), terminal)
-    return UnprunedTerms(forward, backward, terminal_loss, trust_region)
+    return UnprunedTerms(
+        forward,
+        backward,
+        terminal_loss,
+        trust_region,
+        row_norm(residual_next),
+        row_norm(_reward_target(rows, config)),
+    )
+
+
+_NETWORKS = (
+    "policy_field",
+    "reference_field",
+    "aux_field",
+    "sample_reward",
+    "time",
+    "time_next",
+    "steps_remaining",
+)
+
+
+def current_reward_gradient(rows: Transitions) -> Tensor:
+    """grad_{x_t} r(decode(x0_hat_theta(x_t))) through the current policy (the backward target's)."""
+    with torch.enable_grad():
+        x = rows.x.detach().requires_grad_(True)
+        x0_hat = rows.kernel.point.x0(x, rows.policy_field(x, rows.time))
+        (grad,) = torch.autograd.grad(rows.sample_reward(x0_hat).sum(), x)
+    return grad.detach()
+
+
+def _residual_next(rows: Transitions) -> Tensor:
+    return rows.aux_field(rows.x_next.detach(), rows.time_next)
+
+
+def unpruned(f_theta: Tensor, rows: Transitions, config: NablaDBConfig) -> Surrogate:
+    """The registered unpruned loss: g_phi is the rows' ``aux_field``; the last transition (t = 1 ->
+    x_0) is the terminal one."""
+    rows.require(*_NETWORKS, method="Residual nabla-DB (unpruned)")
+    terms = unpruned_loss(
+        f_theta,
+        rows,
+        config,
+        policy_at=lambda x: rows.policy_field(x, rows.time),
+        reference_at=lambda x: rows.reference_field(x, rows.time),
+        residual_now=rows.aux_field(rows.x.detach(), rows.time),
+        residual_next=_residual_next(rows),
+        reward_grad_now=current_reward_gradient(rows),
+        terminal=rows.steps_remaining == 0,
+    )
+    total = terms.total(config)
+    extras = {
+        "loss_forward": terms.forward,
+        "loss_backward": terms.backward,
+        "loss_terminal": terms.terminal,
+        "loss_trust_region": terms.trust_region,
+        "aux_norm": terms.residual_norm,
+        "aux_signal_norm": terms.reward_norm,
+    }
+    return Surrogate(
+        total,
+        torch.ones_like(total, dtype=torch.bool),
+        extras={name: value.detach() for name, value in extras.items()},
+    )
+
+
+def unpruned_coefficients(
+    f_theta: Tensor, rows: Transitions, config: NablaDBConfig, active: Tensor
+) -> Coefficients:
+    """The reduction of ``unpruned``: g_phi(x_t', t') folded into G on every transition but the last."""
+    live = per_sample((rows.steps_remaining != 0).to(rows.x.dtype), rows.x)
+    return coefficients(f_theta, rows, config, active, residual=live * _residual_next(rows))
 
 
 # The published trainer's arm settings (spec §A.1-A.4): 64 trajectories per rank in batches of 8,
@@ -276,12 +349,30 @@ METHOD = Method(
     **_TRAINING,
 )
 
+# The original algorithm in the RSM setting (spec §A.6, last item): the baseline's config plus g_phi,
+# L_B and L_T with the original's defaults (g_phi lr 1e-3, decay 1e-2, clip 1; reverse and terminal
+# scales 1); policy score at strength 1 as nabla-GFN computes it.
+UNPRUNED_METHOD = Method(
+    name="residual-nabla-db-unpruned",
+    title=r"Residual $\nabla$-DB (unpruned)",
+    config=UNPRUNED,
+    arm_config={**_ARM, "auxiliary": "residual_unet", "aux_lr": 1e-3, "aux_weight_decay": 1e-2},
+    note="the original algorithm: residual network g_phi with its backward and terminal losses",
+    **{
+        **_TRAINING,
+        "loss": unpruned,
+        "coefficients": unpruned_coefficients,
+        "needs": ("f_ref", "reward_grad", "noise", *_NETWORKS),
+    },
+)
+
 # The paper's redesign of the diffusion family (spec §A.3 OURS: sigma~ strength and reward factor,
 # the terminal-image gradient) and its Figure 6(c, d) ablation, which keeps the lookahead estimator
 # under the redesign's weighting. The redesign's published lr is 4e-3 (the baseline's 1e-3): a loop
 # setting, in the figure configs.
 METHODS = (
     METHOD,
+    UNPRUNED_METHOD,
     Method(
         name="reward-score-distillation-diffusion",
         title="Reward score distillation (diffusion)",

@@ -5,6 +5,13 @@ gradient through mu_theta), x0_hat a frozen denoiser differentiated in its input
 K = mean_d (mu_theta - mu_ref)^2 / nu^2 (no 1/2). The native loss is linear in r, so the canonical
 form holds with the reward gradient g = grad_{x'} r(x0_hat(x')) taken at the current theta:
 C1 = alpha b^2/(nu^2 d), G = gamma^{n_t} b g / 2, P = 0.
+
+Training (spec §C.1-C.2): trajectories of the current policy (DDIM eta = 1, 50 steps, CFG 5), one
+uniform step per trajectory, a fresh z for the reparameterised next state. Deviation (named by the
+spec's open point): x0_hat is the frozen reference's Tweedie estimate at t_{k+1} with CFG 5 (the
+code's ``use_consistency_model=False``), not the LCM-LoRA consistency model, which has no tiny analogue
+and no RSM experiment. Trained on-line, as RSM trains every method (its App. G.3); the published
+replay buffer is not implemented.
 """
 
 from __future__ import annotations
@@ -61,6 +68,22 @@ def coefficients(f_theta: Tensor, rows: Transitions, config: SQDFConfig, active:
     return Coefficients(c1, g, torch.zeros_like(c1))
 
 
+# The published trainer's arm settings per GPU (spec §C.2, T2I/hps.sh): 4 trajectories per epoch (train
+# batch 2 x accumulation 2), one row each, microbatches of 2 rows, one update. Its optimiser (AdamW lr
+# 1e-3, decay 1e-4, clip 1) is a loop setting: ``--set loop.lr=1e-3 loop.weight_decay=1e-4``.
+_ARM = {
+    "sampler": "ddpm",
+    "sampler_steps": 50,
+    "cfg": 5.0,
+    "cfg_grad": "both",
+    "trajectories_per_epoch": 4,
+    "collection_batch": 4,
+    "transitions": "uniform",
+    "estimator": "none",
+    "row_noise": "fresh",
+    "microbatch_rows": 2,
+}
+
 METHOD = Method(
     name="sqdf",
     title="SQDF",
@@ -81,5 +104,7 @@ METHOD = Method(
     loss=loss,
     coefficients=coefficients,
     needs=("noise", "f_ref", "steps_remaining", "lookahead_reward"),
-    note="samples with r <= 0 are masked; the replay buffer is outside RSM",
+    note="samples with r <= 0 are masked; trained on-line (the published replay buffer is outside RSM)",
+    arm="fo_trajectory",
+    arm_config=_ARM,
 )

@@ -9,22 +9,21 @@ sample as published, g / (||g|| + 1e-8) min(||g||, tau). Canonical: C1 = 1/(d ka
 G = lambda eta g/(d |kappa|), P = unet_reg/(d kappa^2). The RSM redesign (``REDESIGN``) changes only
 the schedule, and which reward gradient the arm puts in the rows, so it shares this loss.
 
-Unpruned (``unpruned_loss``): the target adds the value network g_psi, and a finite-difference
-consistency loss and a terminal loss train g_psi. Every reward gradient and direction inside them is
-detached, so they carry no gradient to theta; g_psi reaches theta only as extra guidance in G, which
-the reduction drops.
+Unpruned (``unpruned_loss``; registered as ``vgg-flow-unpruned``): the target adds the value network
+g_psi, and a finite-difference consistency loss and a terminal loss train g_psi. Every reward gradient
+and direction inside them is detached, so they carry no gradient to theta; g_psi reaches theta only
+as extra guidance in G (the registered reduction folds it in; the pruned one drops it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import get_args
 
 import torch
 from torch import Tensor
 
-from baselines.common import terminal_rows_mean
+from baselines.common import row_norm, terminal_rows_mean
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.config import require
@@ -32,10 +31,9 @@ from rsm_core.flows import per_sample
 from rsm_core.interfaces import SampleReward
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, Surrogate
-from rsm_core.transitions import Transitions
+from rsm_core.transitions import FieldFn, Transitions
 from rsm_core.weighting import EtaMode, vgg_flow_eta
 
-FieldFn = Callable[[Tensor, Tensor], Tensor]  # (x, t (B,)) -> a latent-shaped output
 # The guard of the published per-sample clip g / (||g|| + 1e-8) min(||g||, tau) (vggflow train_vggflow.py).
 CLIP_EPS = 1e-8
 
@@ -125,6 +123,8 @@ class UnprunedTerms:
     velocity: Tensor  # (B,)
     consistency: Tensor  # (B,)
     terminal: Tensor  # (B,) batch mean = the published mean over terminal rows, see terminal_rows_mean
+    value_norm: Tensor  # (B,) ||g_psi(x_t, t)||
+    guidance_norm: Tensor  # (B,) ||S eta clip(G)||, the reward term g_psi corrects (their ratio: Fig. 8)
 
     def total(self, config: VGGFlowConfig) -> Tensor:
         return self.velocity + self.consistency + config.coeff_terminal * self.terminal
@@ -175,7 +175,8 @@ def unpruned_loss(
         """V_hat = g_psi / S - eta(t) G."""
         return g_psi / scale - per_sample(vgg_flow_eta(time, eta_mode), grad) * grad
 
-    v_hat = value_estimate(value_now, t, clip_norm(rows.reward_grad, tau))
+    clipped = clip_norm(rows.reward_grad, tau)
+    v_hat = value_estimate(value_now, t, clipped)
     t_back = t - eps / 1000  # eps_t is in timestep units, t = 1000 sigma
     grad_back = _reward_grad(reward, x, x, policy, t_back, "velocity", tau)
     time_diff = (value_estimate(value(x, t_back), t_back, grad_back) - v_hat) / eps
@@ -188,7 +189,51 @@ def unpruned_loss(
     fd_value = ((value(moved, t) - scale * eta * grad_moved) - scale * v_hat) / eps
     consistency = reduce_per_sample(((time_diff - fd_reference - fd_value) / scale) ** 2, "mean")
     terminal_loss = terminal_rows_mean(reduce_per_sample(value_now**2, "mean"), terminal)
-    return UnprunedTerms(velocity, consistency, terminal_loss)
+    return UnprunedTerms(
+        velocity, consistency, terminal_loss, row_norm(value_now), row_norm(_guidance(rows, config))
+    )
+
+
+_NETWORKS = ("policy_field", "reference_field", "aux_field", "sample_reward", "steps_remaining")
+
+
+def _unpruned_terms(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig) -> UnprunedTerms:
+    rows.require(*_NETWORKS, method="VGG-Flow (unpruned)")
+    return unpruned_loss(
+        f_theta,
+        rows,
+        config,
+        policy=rows.policy_field,
+        reference=rows.reference_field,
+        value=rows.aux_field,
+        reward=rows.sample_reward,
+        terminal=rows.steps_remaining == 0,  # rows at the last sampling time
+    )
+
+
+def unpruned(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig) -> Surrogate:
+    """The registered unpruned loss: the value network is the rows' ``aux_field``."""
+    terms = _unpruned_terms(f_theta, rows, config)
+    total = terms.total(config)
+    extras = {
+        "loss_velocity": terms.velocity,
+        "loss_consistency": terms.consistency,
+        "loss_terminal": terms.terminal,
+        "aux_norm": terms.value_norm,
+        "aux_signal_norm": terms.guidance_norm,
+    }
+    return Surrogate(
+        total,
+        torch.ones_like(total, dtype=torch.bool),
+        extras={name: value.detach() for name, value in extras.items()},
+    )
+
+
+def unpruned_coefficients(
+    f_theta: Tensor, rows: Transitions, config: VGGFlowConfig, active: Tensor
+) -> Coefficients:
+    """The reduction of ``unpruned``: g_psi(x_t, t) folded into G (t = sigma, as ``unpruned_loss``)."""
+    return coefficients(f_theta, rows, config, active, value=rows.aux_field(rows.x, rows.kernel.point.sigma))
 
 
 # The published trainer's arm settings (spec §B.1-B.2): 8 prompts per rank, 20-step Euler ODE with
@@ -233,10 +278,27 @@ METHOD = Method(
     **_TRAINING,
 )
 
+# The original algorithm (spec §B.5): the baseline's settings with the value network, one row per
+# microbatch (batch 1 x accumulation 8 per the config comments: still 8 trajectories per update).
+UNPRUNED = Method(
+    name="vgg-flow-unpruned",
+    title="VGG-Flow (unpruned)",
+    config=PAPER,
+    arm_config={**_ARM, "auxiliary": "value_adapter", "microbatch_rows": 1},
+    note="the original algorithm: value network g_psi with its consistency and terminal losses",
+    **{
+        **_TRAINING,
+        "loss": unpruned,
+        "coefficients": unpruned_coefficients,
+        "needs": ("f_ref", "reward_grad", *_NETWORKS),
+    },
+)
+
 # The paper's redesign of the flow family (spec §B.3 OURS) and its Figure 6(a, b) ablations: the same
 # loss with another estimator, temporal weight and scale.
 METHODS = (
     METHOD,
+    UNPRUNED,
     Method(
         name="reward-score-distillation-flow",
         title="Reward score distillation (flow)",

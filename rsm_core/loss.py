@@ -13,7 +13,7 @@ C2 are singular at alpha = 0 while the products are not. Dropping theta-free con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -65,6 +65,9 @@ def rsm_loss_nested(
 class Surrogate:
     loss: Tensor  # (B,)
     active: Tensor  # (B,) bool
+    # detached per-row values the loss computed on the way, for the arm to log (e.g. the separate
+    # terms of an unpruned algorithm and the size of its auxiliary network's output)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _active(adv: Tensor, value: Tensor, low: float, high: float) -> Tensor:

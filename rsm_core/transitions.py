@@ -3,8 +3,10 @@
 A rollout (or a test) fills the fields its method uses; a method asks for them with ``require`` so a
 missing field is an error that names it instead of an AttributeError deep inside a loss. Every
 tensor is detached data: the only quantity with a gradient is the native output of theta, which
-losses take as a separate argument. ``lookahead_reward`` is the one function-valued field: a
-reparameterised method differentiates the reward of the next state it produces.
+losses take as a separate argument. The function-valued fields let a loss run networks itself:
+``lookahead_reward`` (a reparameterised method differentiates the reward of the next state it
+produces) and the fields of the unpruned first-order algorithms, which train an auxiliary network
+with finite differences and input Jacobians of the policy, the reference and the reward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass, fields
 from torch import Tensor
 
 from rsm_core.kernels import Kernel
+
+# (x, time (B,)) -> a latent-shaped network output at that backbone time, differentiable in x
+FieldFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,15 @@ class Transitions:
     branch_weight: Tensor | None = None  # (B,) k_avg / k_i of a branching rollout
     # x_t' -> r(x0_hat(x_t')) through a frozen denoiser, differentiable in its input (SQDF's lookahead)
     lookahead_reward: Callable[[Tensor], Tensor] | None = None
+    # --- for losses that run networks themselves (the unpruned VGG-Flow and nabla-DB) ---
+    time: Tensor | None = None  # (B,) the backbone time of x_t, as the fields below take it
+    time_next: Tensor | None = None  # (B,) the backbone time of x_t'
+    policy_field: FieldFn | None = None  # the policy's native output (its training CFG)
+    reference_field: FieldFn | None = None  # the frozen reference's
+    aux_field: FieldFn | None = None  # the method's auxiliary network (value or residual net), with its graph
+    sample_reward: Callable[[Tensor], Tensor] | None = (
+        None  # clean latents -> rewards, decoder and prompts bound
+    )
 
     def require(self, *names: str, method: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]

@@ -62,10 +62,10 @@ def test_tweedie_estimator_is_the_reward_gradient_at_the_detached_tweedie_point(
     prompts = [batch.prompts[i] for i in trajectory.tolist()]
     cond = arm.backbone.encode(prompts)
     f = arm.backbone.native(x, arm.times[step], cond, cfg=arm.config.cfg)
-    grad = arm._signal(batch, index, x, f, cond)
+    metas = [batch.metas[i] for i in trajectory.tolist()]
+    grad = arm._signal(batch, index, x, f, cond, prompts, metas)
     sigma = arm.grid.kernel.point.sigma[step].float().view(-1, 1, 1, 1)
     y = (x - sigma * f.detach()).requires_grad_(True)
-    metas = [batch.metas[i] for i in trajectory.tolist()]
     (expected,) = torch.autograd.grad(arm.reward(arm.backbone.decode(y), prompts, metas).sum(), y)
     torch.testing.assert_close(grad, expected)
     assert float(grad.norm()) > 0
@@ -80,7 +80,7 @@ def test_terminal_estimator_is_computed_once_per_trajectory_at_its_final_latent(
     (expected,) = torch.autograd.grad(score.sum(), final)
     torch.testing.assert_close(batch.terminal_grad, expected)
     index = torch.arange(3)
-    grad = arm._signal(batch, index, None, None, None)
+    grad = arm._signal(batch, index, None, None, None, None, None)
     assert torch.equal(grad, batch.terminal_grad[batch.trajectory[index]])
     assert arm.reward_grad_calls == arm.config.trajectories_per_epoch  # rows reuse it
 
@@ -112,3 +112,122 @@ def test_evaluation_split_over_processes_gives_the_whole_sets_values() -> None:
     for name in whole:
         # float32 batches of other sizes round differently; the noise and prompts are the same
         torch.testing.assert_close(torch.cat([p[name] for p in parts]), whole[name], rtol=1e-5, atol=1e-6)
+
+
+# --- the unpruned algorithms' auxiliary networks, and SQDF -------------------------------------
+
+
+def _policy_output(arm) -> torch.Tensor:
+    x = torch.randn(2, *arm.backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return arm.backbone.native(x, arm.times[[1, 3]], arm.backbone.encode(["a red circle", "two blue squares"]), cfg=arm.config.cfg)
+
+
+def test_the_value_network_is_a_second_adapter_with_a_near_zero_trainable_head() -> None:
+    """Spec §B.5: own LoRA, the output layer trainable and x 1e-5 at init, its own group and clip;
+    the policy is the pruned arm's, bit for bit."""
+    arm = fo_arm("vgg-flow-unpruned")
+    backbone = arm.backbone
+    policy, value = arm.param_groups()
+    assert (policy.name, value.name) == ("policy", "value")
+    assert (value.max_grad_norm, value.ema) == (1.0, False) and value.lr is None  # the policy's AdamW
+    assert not {id(p) for p in policy.params} & {id(p) for p in value.params}
+    head = backbone.trainable_copy(backbone.output_layer, "value")
+    base = backbone.model.get_submodule(backbone.output_layer).original_module
+    torch.testing.assert_close(head.weight, 1e-5 * base.weight)
+    torch.testing.assert_close(head.bias, base.bias)
+    assert any(p is head.weight for p in value.params) and head.weight.requires_grad
+    assert not base.weight.requires_grad
+    torch.testing.assert_close(_policy_output(arm), _policy_output(fo_arm("vgg-flow")), rtol=0, atol=0)
+    # near-zero output: g_psi hardly depends on its input where the reference does
+    x1, x2 = torch.randn(2, 1, *backbone.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond, t = backbone.encode(["a red circle"]), arm.times[[2]]
+    with torch.no_grad():
+        moved = arm.aux(x1, t, cond) - arm.aux(x2, t, cond)
+        reference = backbone.native(x1, t, cond, adapter=None) - backbone.native(x2, t, cond, adapter=None)
+    assert float(moved.norm()) < 1e-3 * float(reference.norm())
+
+
+def _one_update(arm):
+    batch = arm.collect(Budget())
+    microbatch = arm.microbatches(batch, 1)[0]
+    loss, stats = arm.loss(microbatch)
+    loss.backward()
+    return batch, microbatch, stats
+
+
+@pytest.mark.parametrize(
+    ("method", "group", "terms"),
+    [
+        ("vgg-flow-unpruned", "value", ("loss_velocity", "loss_consistency", "loss_terminal")),
+        ("residual-nabla-db-unpruned", "residual", ("loss_forward", "loss_backward", "loss_terminal")),
+    ],
+)
+def test_an_unpruned_loss_trains_the_policy_and_its_auxiliary_network(method, group, terms) -> None:
+    arm = fo_arm(method)
+    _, _, stats = _one_update(arm)
+    policy, aux = arm.param_groups()
+    assert aux.name == group
+    for params in (policy.params, aux.params):
+        grads = [p.grad for p in params if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+    for name in (*terms, "aux_norm", "aux_signal_norm"):
+        assert name in stats and stats[name] == stats[name]  # logged and not nan
+
+
+def test_the_residual_network_is_a_small_unet_with_a_zero_output_bias_and_its_own_optimiser() -> None:
+    """Spec §A.6: g_phi in fp32, conv_out bias zeroed, lr 1e-3, decay 1e-2, clip 1; shards of one
+    process share it."""
+    from experiments.run import RunConfig, build_arm, build_parts, sections
+    from rsm_core.config import load_config
+
+    resolved = sections(load_config(RunConfig, SMOKE, overrides=["method=residual-nabla-db-unpruned"]))
+    parts = build_parts(resolved.run)
+    first, second = (build_arm(resolved, parts, rank=r, world=2) for r in range(2))
+    assert first.aux is second.aux
+    _, residual = first.param_groups()
+    assert (residual.name, residual.lr, residual.weight_decay, residual.max_grad_norm) == (
+        "residual",
+        1e-3,
+        1e-2,
+        1.0,
+    )
+    net = first.aux.net
+    assert torch.all(net.conv_out.bias == 0) and net.conv_out.weight.abs().sum() > 0
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert list(net.config.block_out_channels) == list(resolved.arm.aux_residual_channels)
+
+
+@pytest.mark.parametrize(
+    ("method", "override", "message"),
+    [
+        ("vgg-flow", "arm.auxiliary=value_adapter", "has no auxiliary network"),
+        ("vgg-flow-unpruned", "arm.auxiliary=none", "trains an auxiliary network"),
+        ("vgg-flow", "arm.estimator=none", "trains on its rows' reward gradient"),
+        ("sqdf", "arm.estimator=tweedie", "reads no reward gradient"),
+    ],
+)
+def test_a_method_and_its_arm_settings_must_agree(method, override, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        fo_arm(method, override)
+
+
+def test_sqdf_trains_one_uniform_step_per_trajectory_with_fresh_noise() -> None:
+    """Spec §C.1: one uniform step k per trajectory, x' = mu_theta + nu z with a fresh z, and the
+    reward of x' through the frozen reference's Tweedie estimate (no reward gradient in the rows)."""
+    arm = fo_arm("sqdf")
+    batch = arm.collect(Budget())
+    assert batch.trajectory.tolist() == list(range(arm.config.trajectories_per_epoch))
+    assert batch.noise is not None and batch.terminal_grad is None
+    calls = arm.reward_grad_calls
+    microbatch = arm.microbatches(batch, 1)[0]
+    loss, stats = arm.loss(microbatch)
+    assert "reward_grad_norm" not in stats
+    assert arm.reward_grad_calls == calls + len(microbatch.index)  # one reward of x' per row
+    loss.backward()
+    grads = [p.grad for p in arm.param_groups()[0].params if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    stored = batch.noise[batch.trajectory[microbatch.index], batch.step[microbatch.index]]
+    fresh = arm._row_noise(batch, batch.trajectory[microbatch.index], batch.step[microbatch.index])
+    assert fresh.shape == stored.shape and not torch.equal(fresh, stored)

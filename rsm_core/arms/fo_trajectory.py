@@ -12,9 +12,13 @@ method's loss rows with the reward-gradient estimate its config names:
 - ``lookahead``: grad_{x_t'} r(decode(x0_hat_theta(x_t'))) at the next state, through the current
   policy (full Jacobian; the final step's Tweedie map is the identity) (pruned nabla-DB);
 - ``terminal``: grad_{x_0} r(decode(x_0)) at the trajectory's own final latent, computed once at
-  collection (the redesign's terminal-image gradient).
+  collection (the redesign's terminal-image gradient);
+- ``none``: no reward gradient in the rows, for a loss that differentiates the reward itself (SQDF,
+  through ``lookahead_reward``: the frozen reference's Tweedie estimate at the next state).
 
-The loss (clipping, scales, temporal weights) is the method's; the arm only supplies the rows.
+The loss (clipping, scales, temporal weights) is the method's; the arm only supplies the rows, and,
+for the unpruned algorithms, their auxiliary network (``auxiliary``: VGG-Flow's value network,
+nabla-GFN's residual network; see rsm_core.arms.auxiliary) with its own parameter group.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rsm_core.arms import auxiliary
 from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
 from rsm_core.config import require
@@ -37,7 +42,8 @@ from rsm_core.kernels import reduce_per_sample
 from rsm_core.scoring import decode_and_score
 from rsm_core.transitions import Transitions
 
-Estimator = Literal["tweedie", "lookahead", "terminal"]
+Estimator = Literal["tweedie", "lookahead", "terminal", "none"]
+_ESTIMATORS = ["tweedie", "lookahead", "terminal"]  # the ones that put a reward gradient in the rows
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,29 @@ class FOTrajectoryConfig:
     trajectories_per_epoch: int = 8  # per shard (VGG-Flow: 8 prompts per rank; nabla-DB: 64)
     collection_batch: int = 8  # trajectories per sampling call
     # "all": every transition, chronological (VGG-Flow, timestep_fraction 1); "low_variance": the last
-    # step plus one uniform draw per trunk of steps, last trunk first (nabla-DB, spec §A.2)
-    transitions: Literal["all", "low_variance"] = "all"
+    # step plus one uniform draw per trunk of steps, last trunk first (nabla-DB, spec §A.2); "uniform":
+    # one uniform step per trajectory (SQDF, spec §C.1)
+    transitions: Literal["all", "low_variance", "uniform"] = "all"
     timestep_fraction: float = 1.0  # low_variance: int(N fraction) trunks, int(N fraction) + 1 rows
     estimator: Estimator = "tweedie"
+    # the rows' noise: the draw that made x_t' ("stored"), or a fresh N(0, I) per row ("fresh": SQDF's
+    # reparameterised next state mu_theta + nu z, spec §C.1)
+    row_noise: Literal["stored", "fresh"] = "stored"
+    # The unpruned algorithms' auxiliary network (rsm_core.arms.auxiliary) and its settings; the
+    # published ones are VGG-Flow's (spec §B.5: LoRA rank 8, alpha 8, output layer x 1e-5, the
+    # policy's AdamW settings, its own clip 1) and nabla-GFN's (spec §A.6: widths (64, 128, 256, 256),
+    # lr 1e-3, decay 1e-2, its own clip 1). None: the loop's setting.
+    auxiliary: auxiliary.AuxiliaryKind = "none"
+    aux_lora_rank: int = 8
+    aux_lora_alpha: float = 8.0
+    aux_head_scale: float = 1e-5
+    aux_residual_channels: tuple[int, ...] = (64, 128, 256, 256)
+    aux_lr: float | None = None
+    aux_weight_decay: float | None = None
+    aux_max_grad_norm: float | None = 1.0
+    # What the value network sees: "empty" is the published code's (it slices the empty-prompt half
+    # of the [negative; positive] embeddings, spec §B.5 / E.7); "prompt" gives it the row's prompt.
+    value_condition: Literal["empty", "prompt"] = "empty"
     microbatch_rows: int = 4  # rows per forward pass (memory only: an update's rows are fixed)
     decode_chunk: int = 12
     eval_batch: int = 8
@@ -86,7 +111,22 @@ class FOTrajectoryConfig:
     def rows_per_trajectory(self) -> int:
         if self.transitions == "all":
             return self.sampler_steps
+        if self.transitions == "uniform":
+            return 1
         return int(self.sampler_steps * self.timestep_fraction) + 1
+
+    @property
+    def auxiliary_settings(self) -> auxiliary.AuxiliarySettings:
+        return auxiliary.AuxiliarySettings(
+            kind=self.auxiliary,
+            lora_rank=self.aux_lora_rank,
+            lora_alpha=self.aux_lora_alpha,
+            head_scale=self.aux_head_scale,
+            residual_channels=tuple(self.aux_residual_channels),
+            lr=self.aux_lr,
+            weight_decay=self.aux_weight_decay,
+            max_grad_norm=self.aux_max_grad_norm,
+        )
 
 
 def low_variance_steps(steps: int, fraction: float, generator: torch.Generator) -> Tensor:
@@ -97,6 +137,27 @@ def low_variance_steps(steps: int, fraction: float, generator: torch.Generator) 
     size = steps // trunks
     draws = [j * size + int(torch.randint(size, (1,), generator=generator)) for j in reversed(range(trunks))]
     return torch.tensor([steps - 1, *draws][: trunks + 1])
+
+
+def _check_pairing(objective: Objective, config: FOTrajectoryConfig) -> None:
+    """The arm computes a reward gradient and builds an auxiliary network only for a loss that reads
+    them, and always for one that does."""
+    name = objective.name
+    if "reward_grad" in objective.needs and config.estimator == "none":
+        raise ValueError(
+            f"{name} trains on its rows' reward gradient; set arm.estimator to one of {_ESTIMATORS}"
+        )
+    if "reward_grad" not in objective.needs and config.estimator != "none":
+        raise ValueError(
+            f"{name} reads no reward gradient from its rows; set arm.estimator=none (computing "
+            "one would only spend reward-gradient calls)"
+        )
+    if "aux_field" in objective.needs and config.auxiliary == "none":
+        raise ValueError(
+            f"{name} trains an auxiliary network; set arm.auxiliary to value_adapter or residual_unet"
+        )
+    if "aux_field" not in objective.needs and config.auxiliary != "none":
+        raise ValueError(f"{name} has no auxiliary network to train; set arm.auxiliary=none")
 
 
 NoiseFn = Callable[[torch.Size], Tensor]
@@ -134,7 +195,23 @@ class Microbatch:
 class FOTrajectoryArm:
     """One first-order method on one backbone and one data shard (``rank`` of ``world``)."""
 
-    PROVIDES = ("kernel", "x", "f_old", "f_ref", "noise", "reward", "reward_grad", "steps_remaining")
+    PROVIDES = (
+        "kernel",
+        "x",
+        "f_old",
+        "f_ref",
+        "noise",
+        "reward",
+        "reward_grad",
+        "steps_remaining",
+        "lookahead_reward",
+        "time",
+        "time_next",
+        "policy_field",
+        "reference_field",
+        "aux_field",
+        "sample_reward",
+    )
 
     def __init__(
         self,
@@ -151,6 +228,7 @@ class FOTrajectoryArm:
         eval_extra: dict[str, Reward] | None = None,
     ) -> None:
         check_needs(objective, self.PROVIDES, "first-order")
+        _check_pairing(objective, config)
         if not getattr(reward, "differentiable", False):
             raise ValueError(
                 f"{objective.name} trains on reward gradients; reward {getattr(reward, 'name', reward)!r} "
@@ -164,14 +242,22 @@ class FOTrajectoryArm:
         self.calls = 0  # sampling calls so far: the prompt sampler's state
         self.grid = self._grid(config.sampler_steps)
         self.times = backbone.grid_times(config.sampler_steps)
+        # the time of each step's next state: the following step's, and 0 (data) after the last
+        self.times_next = torch.cat([self.times[1:], self.times.new_zeros(1)])
         self.reward_grad_calls = 0
+        self.aux = None
+        if config.auxiliary != "none":
+            self.aux = auxiliary.attach(backbone, config.auxiliary_settings, seed)
 
     def _grid(self, steps: int) -> Grid:
         flow = self.backbone.flow
         return flow.ode_grid(steps) if self.config.sampler == "ode" else flow.sde_grid(steps)
 
     def param_groups(self) -> list[ParamGroup]:
-        return [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
+        groups = [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
+        if self.aux is not None:
+            groups.append(auxiliary.param_group(self.aux, self.config.auxiliary_settings))
+        return groups
 
     # --- collection -----------------------------------------------------------------------------
     def _draw_prompts(self, count: int) -> list[dict]:
@@ -203,6 +289,16 @@ class FOTrajectoryArm:
         noise = torch.stack(noises, 1) if noises else None
         return Walk(torch.stack(states, 1), torch.stack(natives, 1), noise)
 
+    def _sample_reward(self, prompts: list[str], metas: list[dict]) -> Callable[[Tensor], Tensor]:
+        """Clean latents -> rewards of their decoded images for these prompts, differentiable; every
+        call counts as reward-gradient calls."""
+
+        def reward(latents: Tensor) -> Tensor:
+            self.reward_grad_calls += latents.shape[0]
+            return self.reward(self.backbone.decode(latents), prompts, metas)
+
+        return reward
+
     def _reward_grad(self, point: Tensor, to_image_latent, prompts: list[str], metas: list[dict]) -> Tensor:
         """grad_z r(decode(to_image_latent(z))) at z = ``point``, per sample (detached)."""
         grads = []
@@ -210,12 +306,9 @@ class FOTrajectoryArm:
             part = slice(s, s + self.config.decode_chunk)
             with torch.enable_grad():
                 z = point[part].detach().requires_grad_(True)
-                score = self.reward(
-                    self.backbone.decode(to_image_latent(z, part)), prompts[part], metas[part]
-                )
+                score = self._sample_reward(prompts[part], metas[part])(to_image_latent(z, part))
                 (grad,) = torch.autograd.grad(score.sum(), z)
             grads.append(grad.detach())
-        self.reward_grad_calls += point.shape[0]
         return torch.cat(grads)
 
     def collect(self, budget: Budget) -> Trajectories:
@@ -262,6 +355,8 @@ class FOTrajectoryArm:
         config, steps = self.config, len(self.grid)
         if config.transitions == "all":
             chosen = [torch.arange(steps) for _ in range(trajectories)]
+        elif config.transitions == "uniform":
+            chosen = [torch.randint(steps, (1,), generator=self.generator) for _ in range(trajectories)]
         else:
             chosen = [
                 low_variance_steps(steps, config.timestep_fraction, self.generator)
@@ -293,61 +388,100 @@ class FOTrajectoryArm:
             microbatches += [Microbatch(batch, part) for part in rows.split(size)]
         return microbatches
 
-    def _signal(self, batch: Trajectories, index: Tensor, x: Tensor, f_theta: Tensor, cond) -> Tensor:
+    def _next_x0(self, z: Tensor, step: Tensor, cond, adapter: str | None) -> Tensor:
+        """The Tweedie estimate of x_0 at each row's next state z = x_t', by the policy (``POLICY``) or
+        the frozen reference (None); after the final step z is x_0 itself (the map is the identity)."""
+        last = len(self.grid) - 1
+        after = torch.clamp(step + 1, max=last)
+        f = self.backbone.native(z, self.times[after], cond, cfg=self.config.cfg, adapter=adapter)
+        x0 = self.grid.kernel.point.select(after).x0(z, f)
+        final = (step == last).view(-1, *([1] * (z.ndim - 1)))
+        return torch.where(final, z, x0)
+
+    def _signal(
+        self, batch: Trajectories, index: Tensor, x: Tensor, f_theta: Tensor, cond, prompts, metas
+    ) -> Tensor | None:
         """The rows' reward-gradient estimate (see the module docstring)."""
         trajectory, step = batch.trajectory[index], batch.step[index]
-        prompts = [batch.prompts[i] for i in trajectory.tolist()]
-        metas = [batch.metas[i] for i in trajectory.tolist()]
         estimator = self.config.estimator
+        if estimator == "none":
+            return None
         if estimator == "terminal":
             return batch.terminal_grad[trajectory]
         if estimator == "tweedie":
             point = self.grid.kernel.point.select(step)
             f = f_theta.detach()
             return self._reward_grad(x, lambda z, part: point.select(part).x0(z, f[part]), prompts, metas)
-        # lookahead: the policy's Tweedie estimate at the next state; the final step's map is the identity
-        last = len(self.grid) - 1
+        # lookahead: through the current policy at the next state (full Jacobian)
         x_next = batch.states[trajectory, step + 1]
-        after = torch.clamp(step + 1, max=last)
-        prev = self.grid.kernel.point.select(after)
+        return self._reward_grad(
+            x_next, lambda z, part: self._next_x0(z, step[part], cond[part], POLICY), prompts, metas
+        )
 
-        def through_policy(z: Tensor, part: slice) -> Tensor:
-            f = self.backbone.native(z, self.times[after[part]], cond[part], cfg=self.config.cfg)
-            x0 = prev.select(part).x0(z, f)
-            final = (step[part] == last).view(-1, *([1] * (z.ndim - 1)))
-            return torch.where(final, z, x0)
+    def _row_noise(self, batch: Trajectories, trajectory: Tensor, step: Tensor) -> Tensor | None:
+        if batch.noise is None:
+            return None
+        if self.config.row_noise == "fresh":
+            return torch.randn((len(trajectory), *batch.noise.shape[2:]), generator=self.generator)
+        return batch.noise[trajectory, step]
 
-        return self._reward_grad(x_next, through_policy, prompts, metas)
+    def _aux_field(self, cond, rows: int):
+        """(x, time) -> the auxiliary network's output for these rows, or None without one."""
+        if self.aux is None:
+            return None
+        config = self.config
+        if config.auxiliary == "value_adapter" and config.value_condition == "empty":
+            cond = self.backbone.encode([""] * rows)
+        return lambda x, time: self.aux(x, time, cond)
 
     def loss(self, microbatch: Microbatch) -> tuple[Tensor, dict[str, float]]:
         batch, index, config = microbatch.batch, microbatch.index, self.config
         trajectory, step = batch.trajectory[index], batch.step[index]
         x = batch.states[trajectory, step]
-        cond = self.backbone.encode([batch.prompts[i] for i in trajectory.tolist()])
+        prompts = [batch.prompts[i] for i in trajectory.tolist()]
+        metas = [batch.metas[i] for i in trajectory.tolist()]
+        cond = self.backbone.encode(prompts)
+        detach_uncond = config.cfg_grad == "detach_uncond"
+
+        def policy_field(z: Tensor, time: Tensor) -> Tensor:
+            return self.backbone.native(z, time, cond, cfg=config.cfg, detach_uncond=detach_uncond)
+
+        def reference_field(z: Tensor, time: Tensor) -> Tensor:
+            return self.backbone.native(z, time, cond, cfg=config.cfg, adapter=None)
+
         t = self.times[step]
-        f_theta = self.backbone.native(
-            x, t, cond, cfg=config.cfg, detach_uncond=config.cfg_grad == "detach_uncond"
-        )
+        f_theta = policy_field(x, t)
         with torch.no_grad():
-            f_ref = self.backbone.native(x, t, cond, cfg=config.cfg, adapter=None)
+            f_ref = reference_field(x, t)
         kernel = self.grid.kernel.select(step)
-        grad = self._signal(batch, index, x, f_theta, cond)
+        grad = self._signal(batch, index, x, f_theta, cond, prompts, metas)
+        sample_reward = self._sample_reward(prompts, metas)
         rows = Transitions(
             kernel=kernel,
             x=x,
             f_old=batch.native[trajectory, step],
             f_ref=f_ref,
-            noise=batch.noise[trajectory, step] if batch.noise is not None else None,
+            noise=self._row_noise(batch, trajectory, step),
             reward=batch.reward[trajectory],
             reward_grad=grad,
             steps_remaining=self.grid.steps_remaining[step],
+            lookahead_reward=lambda z: sample_reward(self._next_x0(z, step, cond, None)),
+            time=t,
+            time_next=self.times_next[step],
+            policy_field=policy_field,
+            reference_field=reference_field,
+            aux_field=self._aux_field(cond, len(prompts)),
+            sample_reward=sample_reward,
         )
-        loss = self.objective.loss(f_theta, rows).loss.mean()
+        surrogate = self.objective.loss(f_theta, rows)
+        loss = surrogate.loss.mean()
         stats = {
             "loss": float(loss.detach()),
             self.divergence_name: float(self._divergence(kernel, f_theta.detach(), f_ref).mean()),
-            "reward_grad_norm": float(reduce_per_sample(grad.double() ** 2, "sum").sqrt().mean()),
         }
+        if grad is not None:
+            stats["reward_grad_norm"] = float(reduce_per_sample(grad.double() ** 2, "sum").sqrt().mean())
+        stats |= {name: float(value.double().mean()) for name, value in surrogate.extras.items()}
         return loss, stats
 
     @property

@@ -81,6 +81,7 @@ class FlowSpec:
 
 
 POLICY = "policy"  # the LoRA adapter a method trains; more adapters (a value network) get other names
+_COPY = ".modules_to_save."  # peft's name part of an adapter's trainable module copies
 
 
 class BackboneBase:
@@ -91,6 +92,7 @@ class BackboneBase:
     model: nn.Module
     flow: FlowSpec
     lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS
+    output_layer: str = "proj_out"  # the network's last layer (SD3 transformers; UNets: conv_out)
     # prompts whose conditioning stays in memory (0: all). A paper backbone bounds it: 2,048 test
     # prompts of SD3.5-M conditioning are gigabytes; the rest is on disk.
     memory_cache_prompts: int = 0
@@ -162,11 +164,13 @@ class BackboneBase:
         init: str | bool = "gaussian",
         name: str = POLICY,
         targets: Sequence[str] = (),
+        trainable_copies: Sequence[str] = (),
     ) -> None:
         """A new trainable LoRA adapter on ``targets`` (module-name suffixes; empty: the backbone's
         published ``lora_targets``), in fp32 whatever the frozen weights' dtype; the base weights are
         frozen, every adapter stays trainable, and the policy adapter stays the one ``native`` runs by
-        default."""
+        default. ``trainable_copies``: modules the adapter replaces by a fully trainable copy of its
+        own (peft's modules_to_save), e.g. a value network's output layer."""
         from peft import LoraConfig
 
         if name in self.adapter_names:
@@ -176,12 +180,13 @@ class BackboneBase:
             lora_alpha=alpha,
             init_lora_weights=init,
             target_modules=list(targets or self.lora_targets),
+            modules_to_save=list(trainable_copies) or None,
         )
         with self._keeping_trainable(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter
             self.model.add_adapter(config, adapter_name=name)
         for parameter_name, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in parameter_name)
+            p.requires_grad_("lora_" in parameter_name or _COPY in parameter_name)
         with torch.no_grad():
             for p in self.adapter_parameters(name):
                 p.data = p.data.float()
@@ -195,11 +200,20 @@ class BackboneBase:
         return list(self.model.peft_config)
 
     def adapter_parameters(self, name: str = POLICY) -> list[nn.Parameter]:
-        """The LoRA weights of one adapter, in a fixed order (checkpoints index them)."""
+        """The LoRA weights of one adapter and its trainable copies, in a fixed order (checkpoints index
+        them)."""
         if name not in self.adapter_names:
             raise KeyError(f"no LoRA adapter named {name!r}; the backbone has {self.adapter_names or 'none'}")
-        marker = f".{name}."
-        return [p for n, p in self.model.named_parameters() if "lora_" in n and marker in n]
+        lora, copy = f".{name}.", f"{_COPY}{name}."
+        return [p for n, p in self.model.named_parameters() if ("lora_" in n and lora in n) or copy in n]
+
+    def trainable_copy(self, module: str, adapter: str) -> nn.Module:
+        """The adapter's own copy of ``module`` (see ``add_lora``'s trainable_copies)."""
+        wrapper = self.model.get_submodule(module)
+        copies = getattr(wrapper, "modules_to_save", {})
+        if adapter not in copies:
+            raise KeyError(f"adapter {adapter!r} has no trainable copy of {module!r}")
+        return copies[adapter]
 
     @contextmanager
     def _keeping_trainable(self) -> Iterator[None]:
@@ -219,7 +233,21 @@ class BackboneBase:
             else:
                 self.model.set_adapter(name)
                 self.model.enable_adapters()
+            self._switch_copies(name)
         self._current_adapter = name
+
+    def _switch_copies(self, name: str | None) -> None:
+        """peft leaves a trainable module copy on whenever one adapter has it (its wrapper keeps its
+        adapter active for other adapters and ignores disable_adapters): run the copy for its own
+        adapter only, the original module otherwise."""
+        from peft.utils.other import ModulesToSaveWrapper
+
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                own = name is not None and name in module.modules_to_save
+                if own:
+                    module.set_adapter(name)
+                module.enable_adapters(own)
 
     @contextmanager
     def adapter(self, name: str | None) -> Iterator[None]:

@@ -371,6 +371,8 @@ class SD35(_DiffusersBackbone):
 class SD15(_DiffusersBackbone):
     """Stable Diffusion 1.5: VP schedule (scaled linear betas), eps prediction, 512 px by default."""
 
+    output_layer = "conv_out"
+
     def __init__(
         self,
         path: str | Path = SD15_REPO,

@@ -89,6 +89,8 @@ class TinyFlow(_TinyBackbone):
 
 
 class TinyDiffusion(_TinyBackbone):
+    output_layer = "conv_out"
+
     def __init__(
         self, text_encoder: TinyTextEncoder, config: TinyDiffusionConfig = TinyDiffusionConfig()
     ) -> None:
