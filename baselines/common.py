@@ -76,16 +76,25 @@ def policy_gradient_coefficients(
     return Coefficients(torch.as_tensor(c1).expand_as(policy), g, p)
 
 
-def terminal_rows_mean(values: Tensor, terminal: Tensor) -> Tensor:
-    """Per-row terms whose batch mean is the published terminal loss sum_terminal values / (n + 1e-6).
+def terminal_rows_mean(values: Tensor, terminal: Tensor, group_rows: int) -> Tensor:
+    """Per-row terms whose batch mean is the published terminal loss, sum_terminal values / (n + 1e-6)
+    over each published microbatch, averaged over microbatches.
 
-    The published codes average a per-row value over the n terminal rows of the microbatch only;
-    the losses here return per-row terms that the caller averages over all B rows, so each terminal
-    row carries B / (n + 1e-6) times its value and every other row 0 (a batch without terminal
-    rows gives 0, as published).
+    The published codes average a per-row value over the n terminal rows of their microbatch. Their
+    microbatch (``group_rows`` rows, consecutive here) need not be ours, which only bounds memory:
+    each terminal row carries group_rows / (n_group + 1e-6) times its value and every other row 0, so
+    the mean over any multiple of groups is the mean of the groups' published losses (a group without
+    terminal rows gives 0, as published).
     """
+    rows = values.shape[0]
+    if rows % group_rows:
+        raise ValueError(
+            f"{rows} rows cannot be cut into the published microbatches of {group_rows} rows; make "
+            "arm.microbatch_rows a multiple of the loss's terminal_group_rows"
+        )
     mask = terminal.to(values.dtype)
-    return mask * values * (values.shape[0] / (mask.sum() + TERMINAL_EPS))
+    counts = mask.view(-1, group_rows).sum(1, keepdim=True).expand(-1, group_rows).reshape(-1)
+    return mask * values * (group_rows / (counts + TERMINAL_EPS))
 
 
 def row_norm(values: Tensor) -> Tensor:

@@ -60,6 +60,9 @@ class NablaDBConfig:
     unet_reg_scale: float = 1e2
     reverse_loss_scale: float = 1.0  # unpruned only
     terminal_loss_scale: float = 1.0  # unpruned only
+    # unpruned only: the rows of the published microbatch the terminal loss averages over (the RSM
+    # trainer's one trajectory per micro-step, one transition per forward: 1 row)
+    terminal_group_rows: int = 1
 
     def __post_init__(self) -> None:
         value = self.pretrained_strength
@@ -71,6 +74,7 @@ class NablaDBConfig:
         ):
             require(getattr(self, key) in get_args(options), key, f"choose one of {list(get_args(options))}")
         require(self.sigma_gap >= 1, "sigma_gap", "must be a positive number of DDPM indices")
+        require(self.terminal_group_rows >= 1, "terminal_group_rows", "must be at least 1")
 
 
 # The published configurations (fo_first_order spec §A.3, A.6): the pruned baseline
@@ -87,7 +91,13 @@ PAPER = NablaDBConfig(
 # The redesign's loss; its arm also swaps the lookahead gradient for the terminal one (``use_z0``,
 # spec §A.3), and the Fig. 6(c,d) ablation keeps this loss with the lookahead estimator.
 REDESIGN = replace(PAPER, pretrained_strength="sigma", reward_adaptive_mode="sigma")
-UNPRUNED = replace(PAPER, policy_score_strength="one", reverse_loss_scale=1.0, terminal_loss_scale=1.0)
+UNPRUNED = replace(
+    PAPER,
+    policy_score_strength="one",
+    reverse_loss_scale=1.0,
+    terminal_loss_scale=1.0,
+    terminal_group_rows=1,
+)
 
 
 def sigma_tilde(rows: Transitions, config: NablaDBConfig) -> Tensor:
@@ -231,7 +241,9 @@ def unpruned_loss(
     backward_target = live * (b_ref - residual_now - alpha_now * reward_grad_now.detach())
     backward = reduce_per_sample((b_theta - backward_target) ** 2, "mean")
 
-    terminal_loss = terminal_rows_mean(reduce_per_sample(residual_next**2, "mean"), terminal)
+    terminal_loss = terminal_rows_mean(
+        reduce_per_sample(residual_next**2, "mean"), terminal, config.terminal_group_rows
+    )
     return UnprunedTerms(
         forward,
         backward,

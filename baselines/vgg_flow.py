@@ -47,11 +47,15 @@ class VGGFlowConfig:
     clip_threshold: float = 1.0
     unet_reg_scale: float = 0.0
     coeff_terminal: float = 1000.0  # unpruned only
+    # unpruned only: the rows of the published microbatch the terminal loss averages over (the
+    # unpruned config's training.batch_size = 1 trajectory, one step per forward: 1 row)
+    terminal_group_rows: int = 1
     fd_eps: float = 1e-4  # unpruned only: eps_t (in timestep units, t = 1000 sigma) and eps_x
 
     def __post_init__(self) -> None:
         require(self.eta_mode in get_args(EtaMode), "eta_mode", f"choose one of {list(get_args(EtaMode))}")
         require(self.clip_threshold > 0, "clip_threshold", "must be positive")
+        require(self.terminal_group_rows >= 1, "terminal_group_rows", "must be at least 1")
 
 
 # The published configurations (fo_first_order spec §B.3): the pruned baseline (hpsv2_geneval.py),
@@ -64,6 +68,7 @@ PAPER = VGGFlowConfig(
     unet_reg_scale=0.0,
     coeff_terminal=1000.0,
     fd_eps=1e-4,
+    terminal_group_rows=1,
 )
 # the redesign also swaps the estimator: its arm puts the terminal gradient in the rows (the
 # registry entry's arm_config, ``training.use_saved_rgrad_x1``)
@@ -188,7 +193,9 @@ def unpruned_loss(
     eta = per_sample(vgg_flow_eta(t, eta_mode), x)
     fd_value = ((value(moved, t) - scale * eta * grad_moved) - scale * v_hat) / eps
     consistency = reduce_per_sample(((time_diff - fd_reference - fd_value) / scale) ** 2, "mean")
-    terminal_loss = terminal_rows_mean(reduce_per_sample(value_now**2, "mean"), terminal)
+    terminal_loss = terminal_rows_mean(
+        reduce_per_sample(value_now**2, "mean"), terminal, config.terminal_group_rows
+    )
     return UnprunedTerms(
         velocity, consistency, terminal_loss, row_norm(value_now), row_norm(_guidance(rows, config))
     )

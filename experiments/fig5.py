@@ -1,6 +1,7 @@
 """`make fig5`: the paper's Figure 5 — the reward-score-distillation redesign against the pruned
-first-order baselines, on flow (a, b: VGG-Flow; reward vs wall-clock and vs transition drift) and on
-diffusion (c, d: Residual nabla-DB; reward vs wall-clock and vs KL), each over several seeds.
+first-order baselines, on flow (a, b: VGG-Flow, pruned and with its value network; reward vs
+wall-clock and vs transition drift) and on diffusion (c, d: Residual nabla-DB; reward vs wall-clock
+and vs KL), each over several seeds.
 
 Tiny scale (default): the tiny flow and diffusion models with shapes_hps and the tiny world's
 GenEval-style train prompts; the reward scales and learning rates are re-tuned for the tiny models
@@ -18,11 +19,13 @@ from experiments.cli import run
 ARMS = {
     "Redesign (flow)": ["method=reward-score-distillation-flow"],
     "VGG-Flow (pruned)": ["method=vgg-flow"],
+    # Fig. 5(b)'s extra arm: the original algorithm with its value network (spec §B.5)
+    "VGG-Flow (unpruned)": ["method=vgg-flow-unpruned"],
     "Redesign (diffusion)": ["method=reward-score-distillation-diffusion"],
     "Residual nabla-DB (pruned)": ["method=residual-nabla-db"],
 }
 ROWS = [
-    sweep.PanelRow("flow", ["Redesign (flow)", "VGG-Flow (pruned)"], sweep.DRIFT),
+    sweep.PanelRow("flow", ["Redesign (flow)", "VGG-Flow (pruned)", "VGG-Flow (unpruned)"], sweep.DRIFT),
     sweep.PanelRow("diffusion", ["Redesign (diffusion)", "Residual nabla-DB (pruned)"], sweep.KL),
 ]
 

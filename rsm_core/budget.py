@@ -6,10 +6,13 @@ part of a checkpoint, so a resumed run continues the totals of the interrupted o
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 PHASES = ("sample", "reward", "train", "eval")
 
@@ -49,3 +52,17 @@ class Budget:
     @classmethod
     def from_state(cls, state: dict) -> Budget:
         return cls(state["nfe"], state["reward_calls"], dict(state["seconds"]))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on a GPU (the CPU's peak cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: tensors allocated on a GPU, or on the CPU the process's
+    peak resident set so far (everything the process holds, not only tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

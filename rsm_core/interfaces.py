@@ -157,4 +157,7 @@ class Arm(Protocol):
     def state(self) -> dict[str, Any]:
         """JSON-able sampler state beyond the generator (e.g. how many prompt draws were made)."""
 
-    def load_state(self, state: dict[str, Any]) -> None: ...
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Tensor state a checkpoint must keep beyond the weights (e.g. a replay buffer)."""
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None: ...

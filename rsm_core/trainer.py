@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rsm_core.budget import Budget
+from rsm_core.budget import Budget, peak_memory_gib, reset_peak_memory
 from rsm_core.collectives import Collectives
 from rsm_core.config import require
 from rsm_core.interfaces import Arm, ParamGroup
@@ -149,6 +149,8 @@ class Trainer:
 
     # --- one epoch ------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
+        device = self._model_device()
+        reset_peak_memory(device)
         batches = [arm.collect(self.budget) for arm in self.shards]
         updates = self.config.updates_per_epoch
         with self.budget.timer("train"):
@@ -188,10 +190,15 @@ class Trainer:
         self.epoch += 1
         stats = [arm.batch_stats(b) for arm, b in zip(self.shards, batches, strict=True)]
         row = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} | totals
+        row["peak_memory_gib"] = peak_memory_gib(device)
         row = self._mean_over_processes(row)
         if "reward_sq_mean" in row:
             row["reward_std"] = max(row.pop("reward_sq_mean") - row["reward_mean"] ** 2, 0.0) ** 0.5
         return {**row, "microbatches": len(plans[0]) * len(self.shards) * self.processes}
+
+    def _model_device(self) -> torch.device:
+        """Where the trained weights live (the accelerator's device, or the model's on one GPU)."""
+        return self.params[0].device if self.params else self.collectives.device
 
     @staticmethod
     def _clip(group: _Group) -> float:
@@ -255,6 +262,8 @@ class Trainer:
         for i, state in optimizer["state"].items():
             tensors |= {f"adam.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
         tensors |= {f"rng.shard{s}": arm.generator.get_state() for s, arm in enumerate(self.shards)}
+        for s, arm in enumerate(self.shards):
+            tensors |= {f"shard{s}.{name}": value for name, value in arm.state_tensors().items()}
         tensors["rng.torch"] = torch.get_rng_state()
         bookkeeping = {
             "epoch": self.epoch,
@@ -296,7 +305,9 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": bookkeeping["adam_groups"]})
         for s, arm in enumerate(self.shards):
             arm.generator.set_state(tensors[f"rng.shard{s}"])
-            arm.load_state(bookkeeping["shards"][s])
+            prefix = f"shard{s}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            arm.load_state(bookkeeping["shards"][s], own)
         torch.set_rng_state(tensors["rng.torch"])
         self.epoch = bookkeeping["epoch"]
         self.optimizer_steps = bookkeeping["optimizer_steps"]

@@ -120,7 +120,12 @@ def test_evaluation_split_over_processes_gives_the_whole_sets_values() -> None:
 def _policy_output(arm) -> torch.Tensor:
     x = torch.randn(2, *arm.backbone.latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return arm.backbone.native(x, arm.times[[1, 3]], arm.backbone.encode(["a red circle", "two blue squares"]), cfg=arm.config.cfg)
+        return arm.backbone.native(
+            x,
+            arm.times[[1, 3]],
+            arm.backbone.encode(["a red circle", "two blue squares"]),
+            cfg=arm.config.cfg,
+        )
 
 
 def test_the_value_network_is_a_second_adapter_with_a_near_zero_trainable_head() -> None:
@@ -231,3 +236,42 @@ def test_sqdf_trains_one_uniform_step_per_trajectory_with_fresh_noise() -> None:
     stored = batch.noise[batch.trajectory[microbatch.index], batch.step[microbatch.index]]
     fresh = arm._row_noise(batch, batch.trajectory[microbatch.index], batch.step[microbatch.index])
     assert fresh.shape == stored.shape and not torch.equal(fresh, stored)
+
+
+def test_sqdf_replay_keeps_the_newest_trajectories_and_resumes_exactly(tmp_path) -> None:
+    """replay_capacity 3 with 2 fresh trajectories an epoch: after two epochs the buffer holds the
+    newest 3 (one of the first epoch's, both of the second's); a run resumed from a checkpoint
+    continues with the same buffer and ends with the same weights."""
+    from rsm_core.trainer import LoopConfig, Trainer
+
+    loop = LoopConfig(epochs=2, lr=1e-3, ema=False, updates_per_epoch=1, eval_every=1, checkpoint_every=1)
+
+    def fresh() -> Trainer:
+        return Trainer([fo_arm("sqdf", "arm.replay_capacity=3")], loop)
+
+    straight = fresh()
+    straight.train_epoch()
+    first = straight.shards[0].collected
+    straight.train_epoch()
+    arm = straight.shards[0]
+    buffer, second = arm.buffer, arm.collected
+    assert len(buffer.prompts) == 3
+    torch.testing.assert_close(buffer.states[:1], first.states[1:])
+    torch.testing.assert_close(buffer.states[1:], second.states)
+
+    interrupted = fresh()
+    interrupted.train_epoch()
+    interrupted.save(tmp_path / "checkpoint.safetensors")
+    resumed = fresh()
+    resumed.load(tmp_path / "checkpoint.safetensors")
+    torch.testing.assert_close(resumed.shards[0].buffer.states, interrupted.shards[0].buffer.states)
+    assert resumed.shards[0].buffer.prompts == interrupted.shards[0].buffer.prompts
+    resumed.train_epoch()
+    torch.testing.assert_close(resumed.shards[0].buffer.states, buffer.states, rtol=0, atol=0)
+    for p, q in zip(straight.params, resumed.params, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_replay_buffer_smaller_than_an_epoch_is_refused() -> None:
+    with pytest.raises(Exception, match="replay_capacity"):
+        fo_arm("sqdf", "arm.replay_capacity=1")

@@ -23,6 +23,8 @@ CONSTANTS = [
     pytest.param(VGG.PAPER, "eta_mode", "quad", id="vgg-pb-eta_mode"),
     pytest.param(VGG.PAPER, "clip_threshold", 1.0, id="vgg-pb-clip_tau"),  # §B.3 step 3: tau = 1 always
     pytest.param(VGG.PAPER, "coeff_terminal", 1000.0, id="vgg-pb-coeff_terminal"),  # §B.4, §B.5
+    # §B.5: training.batch_size 1 (one trajectory), one step per forward
+    pytest.param(VGG.PAPER, "terminal_group_rows", 1, id="vgg-unpruned-terminal_group_rows"),
     pytest.param(VGG.PAPER, "fd_eps", 1e-4, id="vgg-pb-fd_eps"),  # §B.5: eps_t = eps_x = 1e-4
     pytest.param(VGG.PAPER, "unet_reg_scale", 0.0, id="vgg-pb-unet_reg_scale"),  # §B.3 step 6
     # --- VGG-Flow redesign, spec §B.3 table (OURS column)
@@ -51,6 +53,8 @@ CONSTANTS = [
     # --- unpruned nabla-DB, spec §A.6: the PB config plus the original's loss settings
     pytest.param(NABLA.UNPRUNED, "reverse_loss_scale", 1.0, id="nabla-unpruned-reverse_loss_scale"),
     pytest.param(NABLA.UNPRUNED, "terminal_loss_scale", 1.0, id="nabla-unpruned-terminal_loss_scale"),
+    # one transition of one trajectory per forward in the RSM trainer (§A.4 batching, §A.6)
+    pytest.param(NABLA.UNPRUNED, "terminal_group_rows", 1, id="nabla-unpruned-terminal_group_rows"),
     pytest.param(NABLA.UNPRUNED, "policy_score_strength", "one", id="nabla-unpruned-policy_strength"),
     pytest.param(NABLA.UNPRUNED, "pretrained_strength", 1.0, id="nabla-unpruned-strength"),
     pytest.param(NABLA.UNPRUNED, "reward_adaptive_mode", "squared", id="nabla-unpruned-reward_mode"),

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines import grpo, registry, residual_nabla_db, vgg_flow
+from baselines.common import terminal_rows_mean
 from baselines.method import Family, Method
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, rsm_loss
@@ -304,10 +305,11 @@ def _theta_check(method: Method, policy, rows, time, total: Tensor, extra: Tenso
     assert relative_errors(native, without).max() > 1e3 * TOLERANCE
 
 
-def _nabla_db_unpruned(nets, terminal_rows: list[int]):
+def _nabla_db_unpruned(nets, terminal_rows: list[int], group_rows: int = 1):
     """(method, policy, residual net, rows, time, terminal mask, residual_next, terms) of the unpruned
     nabla-DB on rows at steps other than the last, but ``terminal_rows`` at the last (t = 1 -> x_0)."""
-    method = replace(registry.get("residual-nabla-db"), config=residual_nabla_db.UNPRUNED)
+    config = replace(residual_nabla_db.UNPRUNED, terminal_group_rows=group_rows)
+    method = replace(registry.get("residual-nabla-db"), config=config)
     policy, reference = nets
     policy = moved(policy, 1e-1)  # the trust-region anchor active too
     residual = TinyNet(3).double()
@@ -356,25 +358,45 @@ def test_unpruned_nabla_db_extra_terms(nets) -> None:
     )
 
 
-def _published_terminal_loss(values: Tensor, terminal: Tensor) -> Tensor:
-    """The published (values * mask).sum() / (mask.sum() + 1e-6), written out by hand."""
-    mask = terminal.to(values.dtype)
-    return (values * mask).sum() / (mask.sum() + 1e-6)
+def _published_terminal_loss(values: Tensor, terminal: Tensor, group_rows: int) -> Tensor:
+    """The published (values * mask).sum() / (mask.sum() + 1e-6) of each microbatch of ``group_rows``
+    rows, averaged over the microbatches, written out by hand."""
+    losses = []
+    for start in range(0, len(values), group_rows):
+        mask = terminal[start : start + group_rows].to(values.dtype)
+        losses.append((values[start : start + group_rows] * mask).sum() / (mask.sum() + 1e-6))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("group_rows", [1, 2, BATCH])
+def test_terminal_rows_mean_is_the_published_mean_of_each_microbatch(group_rows: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(BATCH, generator=generator, dtype=torch.float64)
+    terminal = torch.zeros(BATCH, dtype=torch.bool)
+    terminal[[0, 1, 5]] = True  # groups of two with two, one and no terminal rows
+    terms = terminal_rows_mean(values, terminal, group_rows)
+    expected = _published_terminal_loss(values, terminal, group_rows)
+    assert torch.isclose(terms.mean(), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="published microbatches of 3 rows"):
+        terminal_rows_mean(values[:4], terminal[:4], 3)
 
 
 def test_unpruned_nabla_db_terminal_loss_is_the_published_mean(nets) -> None:
-    *_, terminal, residual_next, terms = _nabla_db_unpruned(nets, [2, 5])
-    assert int(terminal.sum()) == 2
-    published = _published_terminal_loss(reduce_per_sample(residual_next**2, "mean"), terminal)
-    assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
+    for group_rows in (1, BATCH):
+        *_, terminal, residual_next, terms = _nabla_db_unpruned(nets, [2, 5], group_rows)
+        assert int(terminal.sum()) == 2
+        values = reduce_per_sample(residual_next**2, "mean")
+        published = _published_terminal_loss(values, terminal, group_rows)
+        assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
     *_, terminal, _, terms = _nabla_db_unpruned(nets, [])
     assert not terminal.any() and torch.all(terms.terminal == 0)
 
 
-def _vgg_flow_unpruned(nets, terminal_rows: list[int]):
+def _vgg_flow_unpruned(nets, terminal_rows: list[int], group_rows: int = 1):
     """(method, policy, value net, rows, time, terms) of the unpruned VGG-Flow with ``terminal_rows``
     marked as rows at the last sampling time."""
     method = registry.get("vgg-flow")
+    method = replace(method, config=replace(method.config, terminal_group_rows=group_rows))
     policy, reference = nets
     value = TinyNet(4).double()
     rows, time = make_rows(method, policy, reference)
@@ -407,11 +429,13 @@ def test_unpruned_vgg_flow_extra_terms(nets) -> None:
 
 
 def test_unpruned_vgg_flow_terminal_loss_is_the_published_mean(nets) -> None:
-    _, _, value, rows, time, terms = _vgg_flow_unpruned(nets, [0, 3, 6])
     terminal = torch.zeros(BATCH, dtype=torch.bool)
     terminal[[0, 3, 6]] = True
-    published = _published_terminal_loss(reduce_per_sample(value(rows.x, time) ** 2, "mean"), terminal)
-    assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
+    for group_rows in (1, BATCH):
+        _, _, value, rows, time, terms = _vgg_flow_unpruned(nets, [0, 3, 6], group_rows)
+        values = reduce_per_sample(value(rows.x, time) ** 2, "mean")
+        published = _published_terminal_loss(values, terminal, group_rows)
+        assert torch.isclose(terms.terminal.mean(), published, rtol=1e-12, atol=0)
     assert torch.all(_vgg_flow_unpruned(nets, [])[-1].terminal == 0)
 
 

@@ -100,7 +100,10 @@ class TwoNetworkArm:
     def state(self) -> dict:
         return {"draws": self.draws}
 
-    def load_state(self, state: dict) -> None:
+    def state_tensors(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict, tensors: dict) -> None:
         self.draws = state["draws"]
 
 
@@ -120,6 +123,15 @@ def test_parameter_groups_have_their_own_lr_decay_clip_and_ema(flow) -> None:
     assert norm > 0.5 and float(clipped) == pytest.approx(0.5, rel=1e-5)  # its own clip, 0.5
     row = trainer.train_epoch()
     assert {"grad_norm", "grad_norm_value", "loss", "batch_mean"} <= set(row)
+
+
+def test_an_epoch_logs_its_peak_memory(flow) -> None:
+    """On the CPU the process's peak resident set (GiB): at least the live weights, far below the
+    machine; on a GPU the epoch's peak allocation (reset each epoch)."""
+    trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP)
+    weights = sum(p.numel() * p.element_size() for p in flow.model.parameters()) / 2**30
+    peak = trainer.train_epoch()["peak_memory_gib"]
+    assert weights < peak < 64
 
 
 def test_evaluation_swaps_in_the_ema_only_where_one_is_kept(flow) -> None:

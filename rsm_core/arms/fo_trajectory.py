@@ -65,6 +65,11 @@ class FOTrajectoryConfig:
     # the rows' noise: the draw that made x_t' ("stored"), or a fresh N(0, I) per row ("fresh": SQDF's
     # reparameterised next state mu_theta + nu z, spec §C.1)
     row_noise: Literal["stored", "fresh"] = "stored"
+    # 0: train on this epoch's trajectories (every RSM run, App. G.3). > 0: SQDF's replay buffer
+    # (spec §C.2): keep the last ``replay_capacity`` trajectories of this shard (published 1024 over
+    # 2 GPUs) and train each epoch on trajectories_per_epoch of them drawn uniformly without
+    # replacement ('random' sampling at replay ratio 1; without replacement is [inferred])
+    replay_capacity: int = 0
     # The unpruned algorithms' auxiliary network (rsm_core.arms.auxiliary) and its settings; the
     # published ones are VGG-Flow's (spec §B.5: LoRA rank 8, alpha 8, output layer x 1e-5, the
     # policy's AdamW settings, its own clip 1) and nabla-GFN's (spec §A.6: widths (64, 128, 256, 256),
@@ -100,6 +105,11 @@ class FOTrajectoryConfig:
             f"must be a multiple of collection_batch ({self.collection_batch})",
         )
         require(0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+        require(
+            self.replay_capacity == 0 or self.replay_capacity >= self.trajectories_per_epoch,
+            "replay_capacity",
+            f"must be 0 (no buffer) or hold at least trajectories_per_epoch ({self.trajectories_per_epoch})",
+        )
         if self.transitions == "low_variance":
             require(
                 int(self.sampler_steps * self.timestep_fraction) >= 1,
@@ -185,6 +195,40 @@ class Trajectories:
     trajectory: Tensor  # (R,) the trajectory of each row
     step: Tensor  # (R,) its transition
 
+    TENSORS = ("states", "native", "noise", "reward", "terminal_grad")
+
+    def select(self, index: Tensor, rows: tuple[Tensor, Tensor]) -> Trajectories:
+        """The trajectories ``index`` with new rows (trajectory, step) into them."""
+        picked = {name: _take(getattr(self, name), index) for name in self.TENSORS}
+        order = index.tolist()
+        return Trajectories(
+            [self.prompts[i] for i in order],
+            [self.metas[i] for i in order],
+            **picked,
+            trajectory=rows[0],
+            step=rows[1],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Trajectories]) -> Trajectories:
+        """The trajectories of ``parts`` one after another, without rows."""
+        joined = {
+            name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+            for name in Trajectories.TENSORS
+        }
+        empty = torch.zeros(0, dtype=torch.long)
+        return Trajectories(
+            [x for p in parts for x in p.prompts],
+            [x for p in parts for x in p.metas],
+            **joined,
+            trajectory=empty,
+            step=empty,
+        )
+
+
+def _take(values: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if values is None else values[index]
+
 
 @dataclass(frozen=True)
 class Microbatch:
@@ -245,6 +289,8 @@ class FOTrajectoryArm:
         # the time of each step's next state: the following step's, and 0 (data) after the last
         self.times_next = torch.cat([self.times[1:], self.times.new_zeros(1)])
         self.reward_grad_calls = 0
+        self.buffer: Trajectories | None = None  # the replay buffer (replay_capacity > 0)
+        self.collected: Trajectories | None = None  # this epoch's fresh trajectories (logged rewards)
         self.aux = None
         if config.auxiliary != "none":
             self.aux = auxiliary.attach(backbone, config.auxiliary_settings, seed)
@@ -337,8 +383,7 @@ class FOTrajectoryArm:
             terminal = None
             if config.estimator == "terminal":  # once per trajectory, at collection (spec §B.1)
                 terminal = self._reward_grad(final, lambda z, part: z, prompts, metas)
-        rows = self._rows(len(prompts))
-        return Trajectories(
+        fresh = Trajectories(
             prompts=prompts,
             metas=metas,
             states=states,
@@ -346,9 +391,23 @@ class FOTrajectoryArm:
             noise=torch.cat([w.noise for w in walks]) if walks[0].noise is not None else None,
             reward=reward["r"].double(),
             terminal_grad=terminal,
-            trajectory=rows[0],
-            step=rows[1],
+            trajectory=torch.zeros(0, dtype=torch.long),
+            step=torch.zeros(0, dtype=torch.long),
         )
+        self.collected = fresh
+        if config.replay_capacity == 0:
+            return fresh.select(torch.arange(len(prompts)), self._rows(len(prompts)))
+        return self._replay(fresh)
+
+    def _replay(self, fresh: Trajectories) -> Trajectories:
+        """Push this epoch's trajectories into the buffer (oldest out) and draw the ones to train."""
+        parts = [fresh] if self.buffer is None else [self.buffer, fresh]
+        joined = Trajectories.cat(parts)
+        keep = torch.arange(max(len(joined.prompts) - self.config.replay_capacity, 0), len(joined.prompts))
+        self.buffer = joined.select(keep, (joined.trajectory, joined.step))
+        count = self.config.trajectories_per_epoch
+        drawn = torch.randperm(len(keep), generator=self.generator)[:count]
+        return self.buffer.select(drawn, self._rows(count))
 
     def _rows(self, trajectories: int) -> tuple[Tensor, Tensor]:
         """(trajectory, step) of every training row, each trajectory's rows together."""
@@ -498,9 +557,11 @@ class FOTrajectoryArm:
         return 0.5 * reduce_per_sample((shift / per_sample(kernel.nu, shift)) ** 2, "mean")
 
     def batch_stats(self, batch: Trajectories) -> dict[str, float]:
+        """Rewards of this epoch's fresh trajectories (the trained ones may come from the buffer)."""
+        reward = self.collected.reward
         return {
-            "reward_mean": float(batch.reward.mean()),
-            "reward_sq_mean": float((batch.reward**2).mean()),
+            "reward_mean": float(reward.mean()),
+            "reward_sq_mean": float((reward**2).mean()),
             "reward_grad_calls": float(self.reward_grad_calls),
         }
 
@@ -554,7 +615,27 @@ class FOTrajectoryArm:
 
     # --- resume ---------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"calls": self.calls, "reward_grad_calls": self.reward_grad_calls}
+        buffer = None if self.buffer is None else {"prompts": self.buffer.prompts, "metas": self.buffer.metas}
+        return {"calls": self.calls, "reward_grad_calls": self.reward_grad_calls, "buffer": buffer}
 
-    def load_state(self, state: dict) -> None:
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The replay buffer's trajectories (empty without one)."""
+        if self.buffer is None:
+            return {}
+        return {
+            f"buffer.{name}": getattr(self.buffer, name)
+            for name in Trajectories.TENSORS
+            if getattr(self.buffer, name) is not None
+        }
+
+    def load_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
         self.calls, self.reward_grad_calls = state["calls"], state["reward_grad_calls"]
+        if state.get("buffer") is not None:
+            empty = torch.zeros(0, dtype=torch.long)
+            self.buffer = Trajectories(
+                state["buffer"]["prompts"],
+                state["buffer"]["metas"],
+                **{name: tensors.get(f"buffer.{name}") for name in Trajectories.TENSORS},
+                trajectory=empty,
+                step=empty,
+            )

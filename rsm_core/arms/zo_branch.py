@@ -416,7 +416,10 @@ class ZOBranchArm:
             "spread_count": self.spread_count.tolist(),
         }
 
-    def load_state(self, state: dict) -> None:
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
         self.calls = state["calls"]
         self.profile = profiles.Profile(self.profile.name, tuple(state["profile"]))
         self.spread_sum = np.array(state["spread_sum"])
