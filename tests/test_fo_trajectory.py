@@ -275,3 +275,18 @@ def test_sqdf_replay_keeps_the_newest_trajectories_and_resumes_exactly(tmp_path)
 def test_a_replay_buffer_smaller_than_an_epoch_is_refused() -> None:
     with pytest.raises(Exception, match="replay_capacity"):
         fo_arm("sqdf", "arm.replay_capacity=1")
+
+
+@pytest.mark.parametrize("identical", [False, True])
+def test_ranks_sample_their_own_trajectories_unless_the_published_seeding_quirk_is_on(identical) -> None:
+    """Spec §B.1: the published VGG-Flow trainer seeds every rank alike (same prompts, same noise)."""
+    from experiments.run import RunConfig, build_arm, build_parts, sections
+    from rsm_core.config import load_config
+
+    overrides = ["method=vgg-flow", f"arm.rank_identical_sampling={identical}"]
+    resolved = sections(load_config(RunConfig, SMOKE, overrides=overrides))
+    parts = build_parts(resolved.run)
+    batches = [build_arm(resolved, parts, rank=r, world=2).collect(Budget()) for r in range(2)]
+    if identical:
+        assert batches[0].prompts == batches[1].prompts
+    assert torch.equal(batches[0].states, batches[1].states) == identical

@@ -70,6 +70,10 @@ class FOTrajectoryConfig:
     # 2 GPUs) and train each epoch on trajectories_per_epoch of them drawn uniformly without
     # replacement ('random' sampling at replay ratio 1; without replacement is [inferred])
     replay_capacity: int = 0
+    # The published VGG-Flow trainer seeds every rank alike (spec §B.1, E.4), so its 4 ranks draw the
+    # same prompts and initial noise: ~8 distinct trajectories per epoch, not 32. False (default): the
+    # stated intent, a stream per shard; True reproduces the quirk.
+    rank_identical_sampling: bool = False
     # The unpruned algorithms' auxiliary network (rsm_core.arms.auxiliary) and its settings; the
     # published ones are VGG-Flow's (spec §B.5: LoRA rank 8, alpha 8, output layer x 1e-5, the
     # policy's AdamW settings, its own clip 1) and nabla-GFN's (spec §A.6: widths (64, 128, 256, 256),
@@ -282,7 +286,8 @@ class FOTrajectoryArm:
         self.eval_extra = dict(eval_extra or {})
         self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.stream = 0 if config.rank_identical_sampling else rank  # the shard's sampling stream
+        self.generator = torch.Generator().manual_seed(seed + self.stream)
         self.calls = 0  # sampling calls so far: the prompt sampler's state
         self.grid = self._grid(config.sampler_steps)
         self.times = backbone.grid_times(config.sampler_steps)
@@ -309,7 +314,7 @@ class FOTrajectoryArm:
     def _draw_prompts(self, count: int) -> list[dict]:
         """Uniform with replacement from the training prompts (both published samplers), a different
         stream per shard."""
-        rng = np.random.default_rng([self.seed, self.rank, self.calls])
+        rng = np.random.default_rng([self.seed, self.stream, self.calls])
         self.calls += 1
         return [self.train_prompts[i] for i in rng.integers(len(self.train_prompts), size=count)]
 
