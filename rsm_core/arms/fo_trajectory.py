@@ -24,7 +24,7 @@ nabla-GFN's residual network; see rsm_core.arms.auxiliary) with its own paramete
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -201,6 +201,12 @@ class Trajectories:
 
     TENSORS = ("states", "native", "noise", "reward", "terminal_grad")
 
+    @staticmethod
+    def rowless(prompts: list[str], metas: list[dict], **tensors: Tensor | None) -> Trajectories:
+        """Trajectories before any rows are chosen (fresh, joined or restored)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return Trajectories(prompts, metas, **tensors, trajectory=empty, step=empty)
+
     def select(self, index: Tensor, rows: tuple[Tensor, Tensor]) -> Trajectories:
         """The trajectories ``index`` with new rows (trajectory, step) into them."""
         picked = {name: _take(getattr(self, name), index) for name in self.TENSORS}
@@ -220,13 +226,8 @@ class Trajectories:
             name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
             for name in Trajectories.TENSORS
         }
-        empty = torch.zeros(0, dtype=torch.long)
-        return Trajectories(
-            [x for p in parts for x in p.prompts],
-            [x for p in parts for x in p.metas],
-            **joined,
-            trajectory=empty,
-            step=empty,
+        return Trajectories.rowless(
+            [x for p in parts for x in p.prompts], [x for p in parts for x in p.metas], **joined
         )
 
 
@@ -388,20 +389,19 @@ class FOTrajectoryArm:
             terminal = None
             if config.estimator == "terminal":  # once per trajectory, at collection (spec §B.1)
                 terminal = self._reward_grad(final, lambda z, part: z, prompts, metas)
-        fresh = Trajectories(
-            prompts=prompts,
-            metas=metas,
+        fresh = Trajectories.rowless(
+            prompts,
+            metas,
             states=states,
             native=torch.cat([w.native for w in walks]),
             noise=torch.cat([w.noise for w in walks]) if walks[0].noise is not None else None,
             reward=reward["r"].double(),
             terminal_grad=terminal,
-            trajectory=torch.zeros(0, dtype=torch.long),
-            step=torch.zeros(0, dtype=torch.long),
         )
         self.collected = fresh
         if config.replay_capacity == 0:
-            return fresh.select(torch.arange(len(prompts)), self._rows(len(prompts)))
+            trajectory, step = self._rows(len(prompts))
+            return replace(fresh, trajectory=trajectory, step=step)
         return self._replay(fresh)
 
     def _replay(self, fresh: Trajectories) -> Trajectories:
@@ -636,11 +636,8 @@ class FOTrajectoryArm:
     def load_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
         self.calls, self.reward_grad_calls = state["calls"], state["reward_grad_calls"]
         if state.get("buffer") is not None:
-            empty = torch.zeros(0, dtype=torch.long)
-            self.buffer = Trajectories(
+            self.buffer = Trajectories.rowless(
                 state["buffer"]["prompts"],
                 state["buffer"]["metas"],
                 **{name: tensors.get(f"buffer.{name}") for name in Trajectories.TENSORS},
-                trajectory=empty,
-                step=empty,
             )
