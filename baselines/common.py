@@ -9,7 +9,7 @@ from torch import Tensor
 
 from rsm_core.flows import per_sample
 from rsm_core.kernels import Kernel, reduce_per_sample
-from rsm_core.loss import Coefficients
+from rsm_core.loss import Coefficients, Surrogate
 from rsm_core.transitions import Transitions
 
 KLDenominator = Literal["heuristic", "exact"]
@@ -102,3 +102,12 @@ def row_norm(values: Tensor) -> Tensor:
     their auxiliary network's output and for the reward term it corrects: the ratio of the two is the
     paper's Fig. 8 (it finds the auxiliary output negligible)."""
     return reduce_per_sample(values.detach().double() ** 2, "sum").sqrt()
+
+
+def logged_surrogate(total: Tensor, terms: dict[str, Tensor]) -> Surrogate:
+    """Every row active, with the loss's separate terms (detached) for the arm to log."""
+    return Surrogate(
+        total,
+        torch.ones_like(total, dtype=torch.bool),
+        extras={name: value.detach() for name, value in terms.items()},
+    )

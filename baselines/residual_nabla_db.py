@@ -29,7 +29,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from baselines.common import row_norm, terminal_rows_mean
+from baselines.common import logged_surrogate, row_norm, terminal_rows_mean
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.config import require
@@ -293,19 +293,16 @@ def unpruned(f_theta: Tensor, rows: Transitions, config: NablaDBConfig) -> Surro
         reward_grad_now=current_reward_gradient(rows),
         terminal=rows.steps_remaining == 0,
     )
-    total = terms.total(config)
-    extras = {
-        "loss_forward": terms.forward,
-        "loss_backward": terms.backward,
-        "loss_terminal": terms.terminal,
-        "loss_trust_region": terms.trust_region,
-        "aux_norm": terms.residual_norm,
-        "aux_signal_norm": terms.reward_norm,
-    }
-    return Surrogate(
-        total,
-        torch.ones_like(total, dtype=torch.bool),
-        extras={name: value.detach() for name, value in extras.items()},
+    return logged_surrogate(
+        terms.total(config),
+        {
+            "loss_forward": terms.forward,
+            "loss_backward": terms.backward,
+            "loss_terminal": terms.terminal,
+            "loss_trust_region": terms.trust_region,
+            "aux_norm": terms.residual_norm,
+            "aux_signal_norm": terms.reward_norm,
+        },
     )
 
 

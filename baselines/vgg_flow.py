@@ -23,7 +23,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from baselines.common import row_norm, terminal_rows_mean
+from baselines.common import logged_surrogate, row_norm, terminal_rows_mean
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.config import require
@@ -221,18 +221,15 @@ def _unpruned_terms(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig) -
 def unpruned(f_theta: Tensor, rows: Transitions, config: VGGFlowConfig) -> Surrogate:
     """The registered unpruned loss: the value network is the rows' ``aux_field``."""
     terms = _unpruned_terms(f_theta, rows, config)
-    total = terms.total(config)
-    extras = {
-        "loss_velocity": terms.velocity,
-        "loss_consistency": terms.consistency,
-        "loss_terminal": terms.terminal,
-        "aux_norm": terms.value_norm,
-        "aux_signal_norm": terms.guidance_norm,
-    }
-    return Surrogate(
-        total,
-        torch.ones_like(total, dtype=torch.bool),
-        extras={name: value.detach() for name, value in extras.items()},
+    return logged_surrogate(
+        terms.total(config),
+        {
+            "loss_velocity": terms.velocity,
+            "loss_consistency": terms.consistency,
+            "loss_terminal": terms.terminal,
+            "aux_norm": terms.value_norm,
+            "aux_signal_norm": terms.guidance_norm,
+        },
     )
 
 
