@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         title="Figure 5 — first-order redesign vs pruned baselines",
         ylabel="evaluation reward\n(policy samples, fixed test prompts)",
         rows=ROWS,
+        runs=sweep.FIRST_ORDER_RUNS,
     )
 
 

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         title="Figure 6 — estimator or weighting?",
         ylabel="evaluation reward\n(policy samples, fixed test prompts)",
         rows=ROWS,
+        runs=sweep.FIRST_ORDER_RUNS,
     )
 
 

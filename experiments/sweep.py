@@ -46,6 +46,10 @@ class SweepConfig:
         require(len(set(self.seeds)) == len(self.seeds), "seeds", "every seed once")
 
 
+# Figures 5 and 6 share their redesign arms (same settings at every scale): one sweep directory
+FIRST_ORDER_RUNS = "first-order"
+
+
 def run_name(arm: str, seed: int) -> str:
     return f"{arm.lower().replace(' ', '-')}-seed{seed}"
 
@@ -218,16 +222,21 @@ def main(
     y: str = "reward",
     extra: dict[str, tuple[str, ...]] | None = None,
     rows: list[PanelRow] | None = None,
+    runs: str | None = None,
 ) -> None:
     """Run every arm x seed of ``figure`` at a scale (reusing complete runs) and draw it: two panels,
-    or with ``rows`` one row of two panels per model family."""
+    or with ``rows`` one row of two panels per model family. ``runs`` names the sweep directory
+    (default: the figure): figures whose shared arms have the same settings share one, so a run both
+    draw is trained once."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     configs = Path(__file__).parent / "configs" / figure
     parser.add_argument("--scale", default="tiny", help=f"smoke | tiny | paper | 1gpu ({configs}/*.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    parser.add_argument("--name", help=f"sweep directory under --runs-dir (default: {figure}-<scale>)")
+    parser.add_argument(
+        "--name", help=f"sweep directory under --runs-dir (default: {runs or figure}-<scale>)"
+    )
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--plot-only", action="store_true", help="redraw from the finished runs")
@@ -255,7 +264,7 @@ def main(
         from experiments.plan import check_runs  # a GPU sweep: refuse one whose memory plan cannot fit
 
         check_runs({run_name(arm, seed): OmegaConf.to_object(c) for (arm, seed), c in configs_by_run.items()})
-    sweep = args.runs_dir / (args.name or f"{figure}-{args.scale}")
+    sweep = args.runs_dir / (args.name or f"{runs or figure}-{args.scale}")
     started = time.perf_counter()
     if not args.plot_only:
         for (arm, seed), config in configs_by_run.items():

@@ -18,8 +18,8 @@ FIGURES = {"fig5": fig5, "fig6": fig6}
 TINY_FACTOR = {"vgg-flow": 20 / 3e7, "residual-nabla-db": 50 / 5e5}  # configs/fig5/tiny.yaml's header
 
 
-def tiny_arms(figure: str) -> dict[str, object]:
-    cfg = load_config(SweepConfig, CONFIGS / figure / "tiny.yaml")
+def tiny_arms(figure: str, scale: str = "tiny") -> dict[str, object]:
+    cfg = load_config(SweepConfig, CONFIGS / figure / f"{scale}.yaml")
     module = FIGURES[figure]
     arms = {arm: [*o, *cfg.arm_overrides.get(arm, [])] for arm, o in module.ARMS.items()}
     return {arm: arm_config(cfg, overrides, seed=0) for arm, overrides in arms.items()}
@@ -38,6 +38,17 @@ def test_every_arm_is_its_method_with_one_reward_scale_factor_per_family(figure:
         assert config.reward == "shapes_hps"
     rows = [arm for row in FIGURES[figure].ROWS for arm in row.arms]
     assert sorted(rows) == sorted(FIGURES[figure].ARMS)  # every arm is drawn, in one row
+
+
+@pytest.mark.parametrize("scale", ["smoke", "tiny"])
+def test_the_arms_both_figures_draw_are_one_run(scale: str) -> None:
+    """The redesigns are in both figures with the same settings, and both figures keep their runs in
+    one sweep directory, so each is trained once."""
+    shared = set(fig5.ARMS) & set(fig6.ARMS)
+    assert shared == {"Redesign (flow)", "Redesign (diffusion)"}
+    five, six = tiny_arms("fig5", scale), tiny_arms("fig6", scale)
+    for arm in shared:
+        assert five[arm] == six[arm], arm
 
 
 def test_the_diffusion_redesign_keeps_its_published_fourfold_learning_rate() -> None:
