@@ -12,7 +12,7 @@ from pathlib import Path
 
 from experiments import fig3, fig_zo_flow
 from experiments.cli import run as run_cli
-from experiments.run import load_sd35, prompt_sets, run_prompts, sections, training_device
+from experiments.run import load_paper_backbone, prompt_sets, run_prompts, sections, training_device
 from experiments.sweep import SweepConfig, arm_config
 from rsm_core.config import load_config
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     device = training_device(None, settings.model.backbone, args.allow_cpu)
     train, test = prompt_sets(settings.prompts)
     prompts = run_prompts(train, test)
-    computed = load_sd35(settings.model, device).precompute(prompts)
+    computed = load_paper_backbone(settings.model, device).precompute(prompts)
     cache = Path(settings.model.embedding_cache).expanduser()
     print(f"{computed} prompts embedded, {len(prompts) - computed} were already in {cache}")
 
