@@ -112,3 +112,19 @@ def test_evaluation_split_over_processes_gives_the_whole_sets_values() -> None:
     for name in whole:
         # float32 batches of other sizes round differently; the noise and prompts are the same
         torch.testing.assert_close(torch.cat([p[name] for p in parts]), whole[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("identical", [True, False])
+def test_rank_identical_seeding_reproduces_the_published_vgg_flow_ranks(identical: bool) -> None:
+    """Spec §B.1, E.4: the published VGG-Flow ranks seed alike and sample the same trajectories; the
+    switch off (the default) gives each shard its own prompts and noise."""
+    from experiments.run import RunConfig, build_arm, build_parts, sections
+    from rsm_core.config import load_config
+
+    small = ["arm.sampler_steps=2", "arm.trajectories_per_epoch=1", "arm.collection_batch=1"]
+    overrides = ["method=vgg-flow", f"arm.rank_identical_seeding={identical}", *small]
+    config = sections(load_config(RunConfig, SMOKE, overrides=overrides))
+    parts = build_parts(config.run)
+    first, second = (build_arm(config, parts, rank=rank, world=2).collect(Budget()) for rank in range(2))
+    same = first.prompts == second.prompts and torch.equal(first.states, second.states)
+    assert same == identical

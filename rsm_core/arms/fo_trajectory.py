@@ -63,6 +63,10 @@ class FOTrajectoryConfig:
     # Deviation (named): the published evaluations draw fresh noise (and nabla-DB fresh prompts)
     # each time; fixed noise makes every arm's curve comparable at the tiny scale's small test sets.
     eval_fixed_noise: bool = True
+    # True: every shard draws the same prompts and noise, as the published VGG-Flow code does (its
+    # ranks all seed alike: ~8 distinct trajectories per epoch on 4 GPUs, spec §B.1, E.4); False: each
+    # shard its own stream, the stated intent (32 distinct)
+    rank_identical_seeding: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sampler_steps", "trajectories_per_epoch", "collection_batch", "microbatch_rows"):
@@ -160,7 +164,8 @@ class FOTrajectoryArm:
         self.eval_extra = dict(eval_extra or {})
         self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
-        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.stream = 0 if config.rank_identical_seeding else rank  # of prompts and noise
+        self.generator = torch.Generator().manual_seed(seed + self.stream)
         self.calls = 0  # sampling calls so far: the prompt sampler's state
         self.grid = self._grid(config.sampler_steps)
         self.times = backbone.grid_times(config.sampler_steps)
@@ -176,8 +181,8 @@ class FOTrajectoryArm:
     # --- collection -----------------------------------------------------------------------------
     def _draw_prompts(self, count: int) -> list[dict]:
         """Uniform with replacement from the training prompts (both published samplers), a different
-        stream per shard."""
-        rng = np.random.default_rng([self.seed, self.rank, self.calls])
+        stream per shard (unless ``rank_identical_seeding``)."""
+        rng = np.random.default_rng([self.seed, self.stream, self.calls])
         self.calls += 1
         return [self.train_prompts[i] for i in rng.integers(len(self.train_prompts), size=count)]
 
