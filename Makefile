@@ -7,14 +7,16 @@ MODE        ?= trained
 ARGS        ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-# SCALE=paper runs on GPUs through accelerate (2 processes for Figure 3, 4 for the GenEval run), with
-# the repository's accelerate config and a free port (experiments/launch.py)
+# SCALE=paper runs on GPUs through accelerate (2 processes for Figure 3, 4 for the GenEval run and the
+# first-order Figures 5/6), with the repository's accelerate config and a free port (experiments/launch.py)
 ifeq ($(SCALE),paper)
 RUN_FIG3       = $(PY) -m experiments.launch --processes 2
 RUN_FIG_ZO     = $(PY) -m experiments.launch --processes 4
+RUN_FIG_FO     = $(PY) -m experiments.launch --processes 4
 else
 RUN_FIG3       = $(PY) -m
 RUN_FIG_ZO     = $(PY) -m
+RUN_FIG_FO     = $(PY) -m
 endif
 
 .DEFAULT_GOAL := help
@@ -56,17 +58,17 @@ fig-zo-flow: setup  ## GenEval validation: lowsnr2 + matching + fair clip2 vs Te
 paper-data: setup  ## fetch the paper runs' prompt files and aesthetic head, sha256-checked, into $RSM_BENCH_DATA (or ~/.cache/rsm_bench)
 	$(PY) -m experiments.paper_data $(ARGS)
 
-fig5: setup  ## Figure 5: first-order redesign vs pruned VGG-Flow (flow) and nabla-DB (diffusion) (SCALE=smoke|tiny)
-	$(PY) -m experiments.fig5 --scale $(SCALE) $(ARGS)
+fig5: setup  ## Figure 5: first-order redesign vs pruned VGG-Flow (flow) and nabla-DB (diffusion) (SCALE=smoke|tiny|paper)
+	$(RUN_FIG_FO) experiments.fig5 --scale $(SCALE) $(ARGS)
 
-fig6: setup  ## Figure 6: estimator or weighting? Linear Baselines A/B, the estimator ablation (SCALE=smoke|tiny)
-	$(PY) -m experiments.fig6 --scale $(SCALE) $(ARGS)
+fig6: setup  ## Figure 6: estimator or weighting? Linear Baselines A/B, the estimator ablation (SCALE=smoke|tiny|paper)
+	$(RUN_FIG_FO) experiments.fig6 --scale $(SCALE) $(ARGS)
 
 FIG         ?= fig3
-paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow, SCALE=paper|1gpu)
+paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow|fig5|fig6, SCALE=paper|1gpu)
 	$(PY) -m experiments.embeddings --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
 
-plan: setup  ## per-GPU memory plan of a paper run (SCALE=paper|1gpu FIG=fig3|fig_zo_flow)
+plan: setup  ## per-GPU memory plan of a paper run (SCALE=paper|1gpu FIG=fig3|fig_zo_flow|fig5|fig6)
 	$(PY) -m experiments.plan --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
 
 bench: setup  ## per-epoch time split and NFE per parent of each Figure 3 arm (results/tables/bench_zo_flow.md)

@@ -49,9 +49,16 @@ CONFIGS = Path(__file__).parent / "configs" / "run"
 @dataclass
 class ModelConfig:
     # "tiny": the tiny world's model of the method's family (tiny-flow for rectified-flow methods,
-    # tiny-diffusion for eps-prediction ones); "sd35": SD3.5-M
-    backbone: Literal["tiny", "tiny-flow", "tiny-diffusion", "sd35"] = "tiny"
-    path: str = "stabilityai/stable-diffusion-3.5-medium"  # sd35: hub id (local cache) or directory
+    # tiny-diffusion for eps-prediction ones); "sd35": SD3.5-M (velocity); "sd15": SD1.5 (eps)
+    backbone: Literal["tiny", "tiny-flow", "tiny-diffusion", "sd35", "sd15"] = "tiny"
+    # sd35 / sd15: a hub id in the local cache or a directory; "" = the backbone's published weights
+    # (stabilityai/stable-diffusion-3.5-medium, stable-diffusion-v1-5/stable-diffusion-v1-5)
+    path: str = ""
+    resolution: int = 512  # sd35 / sd15: image side in pixels (VGG-Flow's SD3.5-M runs use 1024)
+    # sd35: what decodes latents for every reward: the pipeline's VAE, or the tiny autoencoder TAESD3
+    # (the published VGG-Flow code's; fo_first_order spec §0.2)
+    decoder: Literal["vae", "taesd3"] = "vae"
+    decoder_path: str = ""  # taesd3: a hub id in the local cache or a directory; "" = madebyollin/taesd3
     lora_rank: int = 32
     lora_alpha: float = 64.0
     lora_init: str = "gaussian"  # PEFT gaussian init (A ~ N(0, 1/r^2), B = 0), as published
@@ -74,6 +81,10 @@ class ModelConfig:
         require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive")
         require(self.t5_max_length >= 1, "t5_max_length", "must be at least 1")
+        require(self.resolution >= 1, "resolution", "must be a positive number of pixels")
+        require(
+            self.decoder == "vae" or self.backbone == "sd35", "decoder", "taesd3 decodes SD3.5-M latents only"
+        )
 
 
 @dataclass
@@ -188,7 +199,8 @@ def sections(cfg: DictConfig | RunConfig, prefix: str = "") -> Sections:
 
 
 # the flow each backbone samples: rectified flow with velocity ("v") or VP with eps ("eps")
-BACKBONE_PREDICTION = {"tiny-flow": "v", "sd35": "v", "tiny-diffusion": "eps"}
+BACKBONE_PREDICTION = {"tiny-flow": "v", "sd35": "v", "tiny-diffusion": "eps", "sd15": "eps"}
+PAPER_BACKBONES = ("sd35", "sd15")  # real weights, loaded by load_paper_backbone
 
 
 def model_family(method: Method, backbone: str, key: str) -> str:
@@ -234,27 +246,52 @@ def prompt_sets(config: PromptConfig) -> tuple[list[dict], list[dict]]:
     return train, test[: config.eval_prompts] if config.eval_prompts else test
 
 
-def load_sd35(config: ModelConfig, device: str | torch.device):
-    """SD3.5-M from local weights, with the published T5 length and the disk cache of embeddings."""
-    from rsm_core.backbones.stable_diffusion import SD35
+def paper_weights(config: ModelConfig) -> dict[str, Path]:
+    """The local folders a paper backbone loads (its pipeline, and TAESD3 if it decodes with it),
+    checked for completeness: an AssetError names what is missing and the `hf download` command."""
+    from rsm_core.backbones import stable_diffusion as sd
 
-    return SD35(
-        config.path,
+    repo, components = sd.PUBLISHED_WEIGHTS[config.backbone]
+    folders = {"model": sd.resolve_weights(config.path or repo, components, repo)}
+    if config.decoder == "taesd3":
+        source = config.decoder_path or sd.TAESD3_REPO
+        folders["decoder"] = sd.resolve_model(source, sd.TAESD3_REPO, "model.decoder_path")
+    return folders
+
+
+def load_paper_backbone(config: ModelConfig, device: str | torch.device):
+    """SD3.5-M or SD1.5 from local weights at the configured resolution, precision and decoder, with
+    the disk cache of prompt embeddings (SD3.5-M: T5 at the configured length)."""
+    from rsm_core.backbones import stable_diffusion as sd
+
+    if config.backbone not in PAPER_BACKBONES:
+        raise ValueError(f"model.backbone={config.backbone!r} is not a paper backbone {PAPER_BACKBONES}")
+    common = dict(
         device=device,
-        max_sequence_length=config.t5_max_length,
+        resolution=config.resolution,
         cache_dir=Path(config.embedding_cache).expanduser(),
         precision=config.precision,
         half_frozen_weights=config.half_frozen_weights,
         gradient_checkpointing=config.gradient_checkpointing,
     )
+    path = config.path or sd.PUBLISHED_WEIGHTS[config.backbone][0]
+    if config.backbone == "sd15":
+        return sd.SD15(path, **common)
+    return sd.SD35(
+        path,
+        max_sequence_length=config.t5_max_length,
+        decoder=config.decoder,
+        decoder_path=config.decoder_path or sd.TAESD3_REPO,
+        **common,
+    )
 
 
 def build_backbone(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Backbone:
     """The backbone with a fresh policy LoRA adapter drawn from ``seed`` (the same on every process).
-    The tiny world runs on the CPU; SD3.5-M on ``device`` (samplers keep their states on the CPU and
-    the backbone moves inputs and outputs)."""
-    if config.backbone == "sd35":
-        backbone = load_sd35(config, device)
+    The tiny world runs on the CPU; SD3.5-M and SD1.5 on ``device`` (samplers keep their states on the
+    CPU and the backbone moves inputs and outputs)."""
+    if config.backbone in PAPER_BACKBONES:
+        backbone = load_paper_backbone(config, device)
     else:
         from rsm_core.world.assets import load_backbones
 
@@ -323,7 +360,7 @@ class Parts:
 def build_parts(config: RunConfig, device: str | torch.device = "cpu") -> Parts:
     backbone = build_backbone(config.model, config.seed, device)
     train, test = prompt_sets(config.prompts)
-    if config.model.backbone == "sd35":  # every prompt embedded on disk, then the text encoders go
+    if config.model.backbone in PAPER_BACKBONES:  # every prompt embedded on disk, then the text encoders go
         backbone.precompute(run_prompts(train, test))
         backbone.drop_text_encoders()
     return Parts(backbone, reward_functions(config, device), train, test)
@@ -372,14 +409,12 @@ def accelerator_if_launched():
 
 def run_inputs(config: DictConfig | RunConfig) -> dict:
     """What a run reads besides its config and must match to be resumed or reused: fingerprints of
-    the weights (the tiny world's manifest, or the SD3.5-M folder), the aesthetic head, the HPS
-    checkpoint and the prompt files (rsm_core.records.content_fingerprint). A missing file is an error
-    here, before any run."""
+    the weights (the tiny world's manifest, or the paper backbone's folders), the aesthetic head, the
+    HPS checkpoint and the prompt files (rsm_core.records.content_fingerprint). A missing file is an
+    error here, before any run."""
     inputs: dict[str, str | dict[str, str]] = {}
-    if config.model.backbone == "sd35":
-        from rsm_core.backbones.stable_diffusion import SD35_COMPONENTS, SD35_REPO, resolve_weights
-
-        inputs["model"] = content_fingerprint(resolve_weights(config.model.path, SD35_COMPONENTS, SD35_REPO))
+    if config.model.backbone in PAPER_BACKBONES:
+        inputs |= {name: content_fingerprint(folder) for name, folder in paper_weights(config.model).items()}
     else:
         from rsm_core.world.assets import world_fingerprint
 

@@ -37,8 +37,11 @@ class SweepConfig:
     run: RunConfig = field(default_factory=RunConfig)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=list)  # empty: every arm of the figure
-    # this scale's settings of single arms, over the figure's arm table (e.g. the tiny world's
-    # re-tuned reward scales, which differ per method as the published ones do)
+    # this scale's settings of every arm of one row of a two-family figure (`make fig5`: the row's
+    # model family, e.g. its backbone and optimiser), keyed by the row's name, over the arm table
+    family_overrides: dict[str, list[str]] = field(default_factory=dict)
+    # this scale's settings of single arms, over the above (e.g. the tiny world's re-tuned reward
+    # scales, which differ per method as the published ones do)
     arm_overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,25 @@ def arm_config(cfg: SweepConfig | DictConfig, overrides: list[str], seed: int) -
     for item in [*overrides, f"seed={cfg.run.seed + 1000 * seed}"]:
         merged = apply_override(merged, item)
     return resolve(merged, prefix="run.")
+
+
+def arm_settings(
+    cfg: SweepConfig | DictConfig, arms: dict[str, list[str]], rows: list[PanelRow] | None = None
+) -> dict[str, list[str]]:
+    """Every arm's overrides: the figure's arm table, its row's ``family_overrides``, its
+    ``arm_overrides`` (later ones win); a name that is no arm or row of the figure is an error."""
+    family = {arm: row.name for row in rows or [] for arm in row.arms}
+    unknown_arms = sorted(set(cfg.arm_overrides) - set(arms))
+    unknown_rows = sorted(set(cfg.family_overrides) - {row.name for row in rows or []})
+    if unknown_arms or unknown_rows:
+        raise ConfigError(
+            f"unknown arms {unknown_arms} / families {unknown_rows} in the scale file; the figure's arms are "
+            f"{list(arms)} and its families {[row.name for row in rows or []]}"
+        )
+    return {
+        arm: [*items, *cfg.family_overrides.get(family.get(arm, ""), []), *cfg.arm_overrides.get(arm, [])]
+        for arm, items in arms.items()
+    }
 
 
 def check_overrides(
@@ -247,10 +269,10 @@ def main(
 
     cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
     chosen = list(cfg.arms) or list(arms)
-    unknown = sorted((set(chosen) | set(cfg.arm_overrides)) - set(arms))
+    unknown = sorted(set(chosen) - set(arms))
     if unknown:
         raise ConfigError(f"unknown arms {unknown} for {figure}; choose from {list(arms)}")
-    arms = {arm: [*overrides, *cfg.arm_overrides.get(arm, [])] for arm, overrides in arms.items()}
+    arms = arm_settings(cfg, arms, rows)
     # every run's config is resolved and checked before the first one starts
     configs_by_run = {(arm, seed): arm_config(cfg, arms[arm], seed) for arm in chosen for seed in cfg.seeds}
     OmegaConf.to_object(cfg)  # the sweep's own checks (its run section passed above)

@@ -10,8 +10,8 @@ import pytest
 
 from baselines import registry
 from experiments import fig5, fig6
-from experiments.sweep import SweepConfig, arm_config
-from rsm_core.config import load_config
+from experiments.sweep import SweepConfig, arm_config, arm_settings
+from rsm_core.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 FIGURES = {"fig5": fig5, "fig6": fig6}
@@ -21,7 +21,7 @@ TINY_FACTOR = {"vgg-flow": 20 / 3e7, "residual-nabla-db": 50 / 5e5}  # configs/f
 def tiny_arms(figure: str, scale: str = "tiny") -> dict[str, object]:
     cfg = load_config(SweepConfig, CONFIGS / figure / f"{scale}.yaml")
     module = FIGURES[figure]
-    arms = {arm: [*o, *cfg.arm_overrides.get(arm, [])] for arm, o in module.ARMS.items()}
+    arms = arm_settings(cfg, module.ARMS, module.ROWS)
     return {arm: arm_config(cfg, overrides, seed=0) for arm, overrides in arms.items()}
 
 
@@ -70,3 +70,18 @@ def test_the_figure_runs_at_smoke_size(figure: str, tmp_path: Path) -> None:
     assert set(data["arm"]) == set(module.ARMS) and sorted(data["epoch"].unique()) == [0, 1, 2]
     assert (data[data["epoch"] > 0]["kl_or_drift"] > 0).all()  # trained arms moved off the reference
     assert (tmp_path / "fig" / "smoke" / f"{figure}.png").stat().st_size > 0
+
+
+def test_family_overrides_reach_their_rows_arms_under_the_arms_own() -> None:
+    """A scale file sets a model family's run settings once (`family_overrides`, keyed by the figure's
+    rows); an arm's own override wins; a name that is no row of the figure is an error."""
+    cfg = SweepConfig(
+        family_overrides={"flow": ["loop.lr=1", "loop.epochs=3"], "diffusion": ["loop.lr=2"]},
+        arm_overrides={"VGG-Flow (pruned)": ["loop.lr=5"]},
+    )
+    arms = {arm: arm_config(cfg, o, seed=0) for arm, o in arm_settings(cfg, fig5.ARMS, fig5.ROWS).items()}
+    assert (arms["Redesign (flow)"].loop.lr, arms["Redesign (flow)"].loop.epochs) == (1, 3)
+    assert (arms["VGG-Flow (pruned)"].loop.lr, arms["VGG-Flow (pruned)"].loop.epochs) == (5, 3)
+    assert arms["Redesign (diffusion)"].loop.lr == 2
+    with pytest.raises(ConfigError, match=r"families \['fluid'\]"):
+        arm_settings(SweepConfig(family_overrides={"fluid": ["loop.lr=1"]}), fig5.ARMS, fig5.ROWS)

@@ -298,6 +298,12 @@ def test_the_manifest_covers_the_paper_configs() -> None:
     head = next(item for item in manifest.files if item.name == HEAD_FILE)  # where default_head_path looks
     assert head.sha256 == "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
     assert all(model["command"].startswith("hf download ") for model in manifest.models)
-    for config in ("fig3/paper.yaml", "fig3/1gpu.yaml", "fig_zo_flow/paper.yaml"):
+    for config in (
+        "fig3/paper.yaml",
+        "fig3/1gpu.yaml",
+        "fig_zo_flow/paper.yaml",
+        "fig5/paper.yaml",
+        "fig6/paper.yaml",
+    ):
         prompts = OmegaConf.load(CONFIGS / config).run.prompts
         assert {prompts.train_file, prompts.test_file} <= set(names), config

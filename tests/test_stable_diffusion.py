@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipelines import CLIP_LENGTH, PROMPTS, RESOLUTION, T5_LENGTH, save_sd3, save_sd15
+from tiny_pipelines import CLIP_LENGTH, PROMPTS, RESOLUTION, T5_LENGTH, save_sd3, save_sd15, save_taesd3
 
 from rsm_core import flows
 from rsm_core.backbones.base import POLICY
@@ -32,7 +32,8 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipelines")
     save_sd3(root / "sd35")
     save_sd15(root / "sd15")
-    return {"sd35": root / "sd35", "sd15": root / "sd15"}
+    save_taesd3(root / "taesd3")
+    return {"sd35": root / "sd35", "sd15": root / "sd15", "taesd3": root / "taesd3"}
 
 
 def _load(saved: dict[str, Path], name: str, **kwargs):
@@ -43,7 +44,7 @@ def _load(saved: dict[str, Path], name: str, **kwargs):
 
 @pytest.fixture(scope="module")
 def loaded(saved) -> dict[str, SD35 | SD15]:
-    return {name: _load(saved, name) for name in saved}
+    return {name: _load(saved, name) for name in ("sd35", "sd15")}
 
 
 def _time(backbone) -> torch.Tensor:
@@ -460,3 +461,119 @@ def test_an_incomplete_hub_cache_names_the_missing_folder(saved, tmp_path, monke
 def test_unknown_hub_id_or_path_raises_an_asset_error(source: str) -> None:
     with pytest.raises(AssetError, match="not a directory and not a hub id.*hf download"):
         SD35(source)
+
+
+# --- the first-order runs' loading: TAESD3 decoder, SD1.5 through the run config ------------------
+
+
+def test_taesd3_decodes_every_image_with_bf16_rounded_weights_in_fp32(saved) -> None:
+    """Spec §0.2: TAESD3 loaded in bf16, cast to fp32, decoding latent / scaling_factor + shift_factor
+    (the decoder config's) into clamp((y + 1) / 2, 0, 1); the pipeline's VAE is gone."""
+    from diffusers import AutoencoderTiny
+
+    backbone = _load(saved, "sd35", decoder="taesd3", decoder_path=saved["taesd3"])
+    assert isinstance(backbone.vae, AutoencoderTiny) and backbone.pipe.vae is backbone.vae
+    assert {p.dtype for p in backbone.vae.parameters()} == {torch.float32}
+    original = AutoencoderTiny.from_pretrained(saved["taesd3"])  # fp32 as saved
+    for ours, theirs in zip(backbone.vae.parameters(), original.parameters(), strict=True):
+        assert torch.equal(ours, theirs.to(torch.bfloat16).float())
+    assert backbone.latent_shape == (16, 4, 4)  # the pipeline's latent grid, not the decoder's
+
+    torch.manual_seed(5)
+    latents = torch.randn(2, *backbone.latent_shape, requires_grad=True)
+    images = backbone.decode(latents)
+    assert images.shape == (2, 3, RESOLUTION, RESOLUTION) and images.min() >= 0 and images.max() <= 1
+    images.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    with torch.no_grad():
+        decoded = backbone.vae.decode(latents / 1.5 + 0.1).sample  # save_taesd3's scale and shift
+    torch.testing.assert_close(images.detach(), ((decoded + 1) / 2).clamp(0, 1))
+    assert decoded.min() < 0  # TAESD's output is in the [-1, 1] convention, as the VAE's
+
+
+@pytest.mark.parametrize("missing", ["folder", "weights"])
+def test_a_missing_taesd3_is_one_line_naming_the_download(saved, tmp_path, missing: str) -> None:
+    decoder = tmp_path / "taesd3"
+    if missing == "weights":
+        shutil.copytree(saved["taesd3"], decoder)
+        for weights in decoder.glob("*.safetensors"):
+            weights.unlink()
+    with pytest.raises(AssetError) as error:
+        _load(saved, "sd35", decoder="taesd3", decoder_path=decoder if missing == "weights" else "/no/taesd3")
+    message = str(error.value)
+    assert "\n" not in message and "`hf download madebyollin/taesd3 --local-dir DIR`" in message
+    assert "model.decoder_path" in message
+
+
+def test_run_configs_load_either_paper_backbone_and_fingerprint_the_decoder(saved, tmp_path) -> None:
+    from experiments.run import ModelConfig, RunConfig, load_paper_backbone, run_inputs
+
+    sd15 = ModelConfig(
+        backbone="sd15", path=str(saved["sd15"]), resolution=RESOLUTION, embedding_cache=str(tmp_path)
+    )
+    backbone = load_paper_backbone(sd15, "cpu")
+    assert isinstance(backbone, SD15) and backbone.latent_shape == (4, 4, 4)
+    sd35 = ModelConfig(
+        backbone="sd35",
+        path=str(saved["sd35"]),
+        resolution=RESOLUTION,
+        t5_max_length=T5_LENGTH,
+        decoder="taesd3",
+        decoder_path=str(saved["taesd3"]),
+        embedding_cache=str(tmp_path),
+    )
+    assert type(load_paper_backbone(sd35, "cpu").vae).__name__ == "AutoencoderTiny"
+    inputs = run_inputs(RunConfig(model=sd35))
+    assert set(inputs) == {"model", "decoder"}
+    assert set(run_inputs(RunConfig(model=sd15))) == {"model"}
+
+
+class Brightness:
+    """A differentiable stand-in reward (the paper's HPSv2.1 needs its weights): mean pixel value."""
+
+    differentiable = True
+    name = "brightness"
+
+    def __call__(self, images: torch.Tensor, prompts, metas) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("method", "backbone"),
+    [("reward-score-distillation-flow", "sd35"), ("vgg-flow", "sd35"), ("residual-nabla-db", "sd15")],
+)
+def test_first_order_arms_train_on_the_paper_backbones(saved, tmp_path, method: str, backbone: str) -> None:
+    """The Figure 5/6 path on tiny real classes: SD3.5-M decoding through TAESD3 (terminal and Tweedie
+    gradients) and SD1.5 (the lookahead through the UNet), one collection and one microbatch's loss."""
+    from experiments.run import ModelConfig, Parts, RunConfig, build_arm, build_backbone, sections
+    from rsm_core.budget import Budget
+
+    model = ModelConfig(
+        backbone=backbone,
+        path=str(saved[backbone]),
+        resolution=RESOLUTION,
+        t5_max_length=T5_LENGTH,
+        decoder="taesd3" if backbone == "sd35" else "vae",
+        decoder_path=str(saved["taesd3"]),
+        embedding_cache=str(tmp_path),
+        lora_rank=2,
+        lora_alpha=2.0,
+    )
+    sizes = {"sampler_steps": 5, "trajectories_per_epoch": 2, "collection_batch": 2, "decode_chunk": 2}
+    config = RunConfig(method=method, model=model, reward="brightness", arm={**sizes, "microbatch_rows": 2})
+    resolved = sections(config)
+    torch.manual_seed(0)
+    parts = Parts(
+        build_backbone(resolved.run.model, 0),
+        {"brightness": Brightness()},
+        [{"prompt": p} for p in PROMPTS],
+        [],
+    )
+    arm = build_arm(resolved, parts)
+    batch = arm.collect(Budget())
+    assert batch.states.shape[:2] == (2, 6) and torch.isfinite(batch.reward).all()
+    loss, stats = arm.loss(arm.microbatches(batch, 1)[0])
+    loss.backward()
+    grads = [p.grad for p in parts.backbone.adapter_parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads)
+    assert stats["reward_grad_norm"] > 0

@@ -138,3 +138,19 @@ def save_sd15(directory: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(directory)
+
+
+def save_taesd3(directory: Path, scaling_factor: float = 1.5, shift_factor: float = 0.1) -> None:
+    """A tiny random TAESD3 (``AutoencoderTiny`` with SD3's 16 latent channels) in the repo's layout:
+    config.json and weights at the root. Scale and shift are not 1 and 0, so the decode formula shows."""
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(
+        latent_channels=16,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    ).save_pretrained(directory)

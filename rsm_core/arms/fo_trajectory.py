@@ -70,10 +70,6 @@ class FOTrajectoryConfig:
     # 2 GPUs) and train each epoch on trajectories_per_epoch of them drawn uniformly without
     # replacement ('random' sampling at replay ratio 1; without replacement is [inferred])
     replay_capacity: int = 0
-    # The published VGG-Flow trainer seeds every rank alike (spec §B.1, E.4), so its 4 ranks draw the
-    # same prompts and initial noise: ~8 distinct trajectories per epoch, not 32. False (default): the
-    # stated intent, a stream per shard; True reproduces the quirk.
-    rank_identical_sampling: bool = False
     # The unpruned algorithms' auxiliary network (rsm_core.arms.auxiliary) and its settings; the
     # published ones are VGG-Flow's (spec §B.5: LoRA rank 8, alpha 8, output layer x 1e-5, the
     # policy's AdamW settings, its own clip 1) and nabla-GFN's (spec §A.6: widths (64, 128, 256, 256),
@@ -97,6 +93,10 @@ class FOTrajectoryConfig:
     # Deviation (named): the published evaluations draw fresh noise (and nabla-DB fresh prompts)
     # each time; fixed noise makes every arm's curve comparable at the tiny scale's small test sets.
     eval_fixed_noise: bool = True
+    # True: every shard draws the same prompts and noise, as the published VGG-Flow code does (its
+    # ranks all seed alike: ~8 distinct trajectories per epoch on 4 GPUs, spec §B.1, E.4); False: each
+    # shard its own stream, the stated intent (32 distinct)
+    rank_identical_seeding: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sampler_steps", "trajectories_per_epoch", "collection_batch", "microbatch_rows"):
@@ -287,7 +287,7 @@ class FOTrajectoryArm:
         self.eval_extra = dict(eval_extra or {})
         self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
-        self.stream = 0 if config.rank_identical_sampling else rank  # the shard's sampling stream
+        self.stream = 0 if config.rank_identical_seeding else rank  # of prompts and noise
         self.generator = torch.Generator().manual_seed(seed + self.stream)
         self.calls = 0  # sampling calls so far: the prompt sampler's state
         self.grid = self._grid(config.sampler_steps)
@@ -314,7 +314,7 @@ class FOTrajectoryArm:
     # --- collection -----------------------------------------------------------------------------
     def _draw_prompts(self, count: int) -> list[dict]:
         """Uniform with replacement from the training prompts (both published samplers), a different
-        stream per shard."""
+        stream per shard (unless ``rank_identical_seeding``)."""
         rng = np.random.default_rng([self.seed, self.stream, self.calls])
         self.calls += 1
         return [self.train_prompts[i] for i in rng.integers(len(self.train_prompts), size=count)]

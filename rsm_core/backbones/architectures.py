@@ -47,6 +47,35 @@ SD15_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
 }
 
+# The image decoders' shapes (the fields that fix them; scaling factors do not change bytes).
+# stabilityai/stable-diffusion-3.5-medium, vae/config.json: AutoencoderKL, 16 latent channels, no quant convs.
+SD35_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+# stable-diffusion-v1-5, vae/config.json: the same blocks with 4 latent channels and the quant convs.
+SD15_VAE: dict[str, Any] = {
+    **SD35_VAE,
+    "latent_channels": 4,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
+# madebyollin/taesd3: AutoencoderTiny with 16 latent channels; the other fields are assumed to be
+# diffusers' defaults (TAESD's published 64-channel blocks), its config file was not read here.
+TAESD3: dict[str, Any] = {"latent_channels": 16}
+DECODERS = {
+    "sd35-vae": ("AutoencoderKL", SD35_VAE),
+    "sd15-vae": ("AutoencoderKL", SD15_VAE),
+    "taesd3": ("AutoencoderTiny", TAESD3),
+}
+
 
 # The joint-attention projections of every MMDiT block (image and text streams), the published
 # TempFlow-GRPO / Flow-GRPO targets; not attn2 (MMDiT-X), MLPs, norms or embedders.
@@ -91,6 +120,15 @@ def sd15_unet(device: str | torch.device = "meta", **overrides: Any) -> nn.Modul
 
     with torch.device(device):
         return UNet2DConditionModel(**{**SD15_UNET, **overrides})
+
+
+def image_decoder(name: str, device: str | torch.device = "meta", **overrides: Any) -> nn.Module:
+    """A published image decoder (``DECODERS``: the SD3.5-M or SD1.5 VAE, TAESD3) without weights."""
+    import diffusers
+
+    class_name, config = DECODERS[name]
+    with torch.device(device):
+        return getattr(diffusers, class_name)(**{**config, **overrides})
 
 
 @dataclass(frozen=True)

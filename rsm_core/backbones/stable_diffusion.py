@@ -6,8 +6,10 @@
 
 Weights are never downloaded here (the bench runs offline): a directory in diffusers layout, or a hub id
 already in the local Hugging Face cache. Anything missing is an ``AssetError`` that names the missing
-files and how to fetch them. Prompt embeddings can be cached on disk, one safetensors file per prompt, so
-the text encoders (T5-XXL alone is ~10 GB) run once per prompt across runs.
+files and how to fetch them. SD35 can decode with the tiny autoencoder TAESD3 instead of its VAE, as
+the published VGG-Flow code does for every reward (fo_first_order spec §0.2). Prompt embeddings can
+be cached on disk, one safetensors file per prompt, so the text encoders (T5-XXL alone is ~10 GB) run
+once per prompt across runs.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def frozen_dtype(precision: Precision, half_frozen_weights: bool) -> torch.dtype
 
 
 SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
+# The spec's runwayml/stable-diffusion-v1-5 was withdrawn from the Hub; this is its maintained mirror.
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TAESD3_REPO = "madebyollin/taesd3"  # AutoencoderTiny for SD3 latents (diffusers layout at the repo root)
+Decoder = Literal["vae", "taesd3"]
 
 SD35_COMPONENTS = (
     "transformer",
@@ -52,6 +57,8 @@ SD35_COMPONENTS = (
     "scheduler",
 )
 SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# each backbone's published weights: (hub id, the pipeline components it loads)
+PUBLISHED_WEIGHTS = {"sd35": (SD35_REPO, SD35_COMPONENTS), "sd15": (SD15_REPO, SD15_COMPONENTS)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,22 +66,26 @@ SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # ------------------------------------------------------------------------------------------------
 
 
+def _missing_in_folder(
+    folder: Path, label: str, config: str = "config.json", network: bool = True
+) -> list[str]:
+    """What a model folder lacks (named ``label``/...): its config, or for a network any weights file."""
+    missing = [] if (folder / config).is_file() else [f"{label}{config}"]
+    if network and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append(f"{label}*.safetensors (the weights)")
+    return missing
+
+
 def _missing_in_component(root: Path, name: str) -> list[str]:
-    """What a component folder lacks: its folder, its config, or (for networks) any weights file."""
+    """What a pipeline's component folder lacks: the folder itself, or its config and weights."""
     folder = root / name
     if not folder.is_dir():
         return [f"{name}/"]
     if name.startswith("tokenizer"):
-        required = ["tokenizer_config.json"]
-    elif name == "scheduler":
-        required = ["scheduler_config.json"]
-    else:
-        required = ["config.json"]
-    missing = [f"{name}/{file}" for file in required if not (folder / file).is_file()]
-    is_network = not (name.startswith("tokenizer") or name == "scheduler")
-    if is_network and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        missing.append(f"{name}/*.safetensors (the weights)")
-    return missing
+        return _missing_in_folder(folder, f"{name}/", "tokenizer_config.json", network=False)
+    if name == "scheduler":
+        return _missing_in_folder(folder, f"{name}/", "scheduler_config.json", network=False)
+    return _missing_in_folder(folder, f"{name}/")
 
 
 def missing_files(root: Path, components: Sequence[str]) -> list[str]:
@@ -85,51 +96,78 @@ def missing_files(root: Path, components: Sequence[str]) -> list[str]:
     return missing
 
 
-def _download_hint(repo: str) -> str:
+def _download_hint(repo: str, setting: str = "the model path") -> str:
     return (
         f"download {repo} on a machine with network (`hf download {repo} --local-dir DIR`, after accepting "
-        f"its licence on huggingface.co if it is gated), copy DIR here and pass DIR as the model path"
+        f"its licence on huggingface.co if it is gated), copy DIR here and pass DIR as {setting}"
     )
 
 
-def resolve_weights(source: str | Path, components: Sequence[str], repo: str) -> Path:
-    """The local diffusers directory for ``source`` (a directory, or a hub id already in the local HF
-    cache), checked for completeness; never touches the network."""
+def _local_root(source: str | Path, repo: str, setting: str) -> Path:
+    """``source`` as a local directory: itself, or a hub id's snapshot in the local HF cache (a partial
+    one too: it may lack files this model never reads); never touches the network."""
     path = Path(source).expanduser()
     if path.is_dir():
-        root = path
-    else:
-        from huggingface_hub import snapshot_download
+        return path
+    from huggingface_hub import snapshot_download
 
-        try:
-            root = Path(snapshot_download(str(source), local_files_only=True))
-        except (OSError, ValueError) as error:  # not cached / not a valid repo id
-            partial = getattr(error, "snapshot_path", None)  # huggingface_hub's IncompleteSnapshotError
-            if partial is None:
-                raise AssetError(
-                    f"no model at {source!r}: it is not a directory and not a hub id in the local Hugging "
-                    f"Face cache ({type(error).__name__}); {_download_hint(repo)}"
-                ) from None
-            root = Path(partial)  # a snapshot without files this pipeline never reads is still usable
-    missing = missing_files(root, components)
+    try:
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except (OSError, ValueError) as error:  # not cached / not a valid repo id
+        partial = getattr(error, "snapshot_path", None)  # huggingface_hub's IncompleteSnapshotError
+        if partial is None:
+            raise AssetError(
+                f"no model at {source!r}: it is not a directory and not a hub id in the local Hugging "
+                f"Face cache ({type(error).__name__}); {_download_hint(repo, setting)}"
+            ) from None
+        return Path(partial)
+
+
+def _checked(root: Path, missing: list[str], repo: str, setting: str) -> Path:
     if missing:
         raise AssetError(
-            f"incomplete weights in {root}: missing {', '.join(missing)}; {_download_hint(repo)}"
+            f"incomplete weights in {root}: missing {', '.join(missing)}; {_download_hint(repo, setting)}"
         )
     return root
 
 
-def _load_pipeline(pipeline_class: type, root: Path, repo: str, dtype: torch.dtype, **kwargs):
+def resolve_weights(source: str | Path, components: Sequence[str], repo: str) -> Path:
+    """The local diffusers pipeline directory for ``source`` (a directory, or a hub id already in the
+    local HF cache), checked for completeness."""
+    root = _local_root(source, repo, "the model path")
+    return _checked(root, missing_files(root, components), repo, "the model path")
+
+
+def resolve_model(source: str | Path, repo: str, setting: str) -> Path:
+    """The local directory of a single diffusers model (config.json and weights at its root, as the
+    TAESD3 repo is laid out), checked; ``setting`` names the config key a user passes it in."""
+    root = _local_root(source, repo, setting)
+    return _checked(root, _missing_in_folder(root, ""), repo, setting)
+
+
+def _from_pretrained(cls: type, root: Path, repo: str, dtype: torch.dtype, setting: str, **kwargs):
     """from_pretrained on a checked directory; a loader failure (e.g. only an fp16 variant present) is
     reported as an asset problem, not a traceback from deep inside diffusers."""
     try:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones lack dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return pipeline_class.from_pretrained(root, local_files_only=True, torch_dtype=dtype, **kwargs)
+            return cls.from_pretrained(root, local_files_only=True, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
+        detail = " ".join(str(error).split())  # one line
         raise AssetError(
-            f"could not load {pipeline_class.__name__} from {root}: {error}; {_download_hint(repo)}"
+            f"could not load {cls.__name__} from {root}: {detail}; {_download_hint(repo, setting)}"
         ) from error
+
+
+def load_tiny_decoder(source: str | Path = TAESD3_REPO) -> torch.nn.Module:
+    """TAESD3 (diffusers ``AutoencoderTiny``) as the published VGG-Flow code loads it: weights in bf16,
+    so they carry bf16 rounding after the backbone casts them to fp32 to decode (spec §0.2)."""
+    from diffusers import AutoencoderTiny
+
+    setting = "model.decoder_path"
+    return _from_pretrained(
+        AutoencoderTiny, resolve_model(source, TAESD3_REPO, setting), TAESD3_REPO, torch.bfloat16, setting
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +237,7 @@ class _DiffusersBackbone(BackboneBase):
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = pipe.vae_scale_factor  # the pipeline's, from the VAE it was saved with
         self.resolution = resolution
         self._disk: PromptCache | None = None
         self.text_encoders_dropped = False
@@ -295,10 +333,14 @@ class _DiffusersBackbone(BackboneBase):
         side = self.resolution // self.vae_scale_factor
         return (self.model.config.in_channels, side, side)
 
-    def _decode_scaled(self, z: Tensor) -> Tensor:
-        """VAE latents (already unscaled) -> images in [0, 1], differentiable in z."""
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1], differentiable: divided by the decoder config's scaling factor,
+        its shift factor added where the config has one, decoded (the VAE and TAESD both output the
+        [-1, 1] convention), clamp((y + 1) / 2, 0, 1)."""
+        config = self.vae.config
+        z = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
         images = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
-        return (images / 2 + 0.5).clamp(0, 1).to(z.device, z.dtype)
+        return (images / 2 + 0.5).clamp(0, 1).to(latents.device, latents.dtype)
 
     def _in(self, x: Tensor) -> Tensor:
         """Inputs onto the model's device and dtype (samplers draw float32 noise on the CPU); outputs go
@@ -307,7 +349,10 @@ class _DiffusersBackbone(BackboneBase):
 
 
 class SD35(_DiffusersBackbone):
-    """Stable Diffusion 3.5 Medium: rectified flow (shift 3), velocity prediction, 512 px by default."""
+    """Stable Diffusion 3.5 Medium: rectified flow (shift 3), velocity prediction, 512 px by default.
+
+    ``decoder="taesd3"`` replaces the pipeline's VAE by TAESD3 before anything moves to the device
+    (``load_tiny_decoder``; ``decoder_path``: a directory or hub id, default the published repo)."""
 
     lora_targets = SD35_JOINT_ATTENTION  # the zeroth-order code's; VGG-Flow passes its own
 
@@ -322,12 +367,18 @@ class SD35(_DiffusersBackbone):
         precision: Precision = "fp32",
         half_frozen_weights: bool = True,
         gradient_checkpointing: bool = False,
+        decoder: Decoder = "vae",
+        decoder_path: str | Path = TAESD3_REPO,
     ) -> None:
         from diffusers import StableDiffusion3Pipeline
 
         root = resolve_weights(path, SD35_COMPONENTS, SD35_REPO)
         frozen = frozen_dtype(precision, half_frozen_weights)
-        pipe = _load_pipeline(StableDiffusion3Pipeline, root, SD35_REPO, frozen)
+        pipe = _from_pretrained(StableDiffusion3Pipeline, root, SD35_REPO, frozen, "the model path")
+        if decoder == "taesd3":
+            pipe.vae = load_tiny_decoder(decoder_path)
+        elif decoder != "vae":
+            raise ValueError(f"decoder must be 'vae' or 'taesd3', got {decoder!r}")
         super().__init__(pipe, device, precision, frozen, resolution)
         self._set_model(pipe.transformer, gradient_checkpointing)
         self.max_sequence_length = max_sequence_length
@@ -363,10 +414,6 @@ class SD35(_DiffusersBackbone):
             ).sample
         return out.to(x.device, x.dtype)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        config = self.vae.config
-        return self._decode_scaled(latents / config.scaling_factor + (config.shift_factor or 0.0))
-
 
 class SD15(_DiffusersBackbone):
     """Stable Diffusion 1.5: VP schedule (scaled linear betas), eps prediction, 512 px by default."""
@@ -388,11 +435,12 @@ class SD15(_DiffusersBackbone):
 
         root = resolve_weights(path, SD15_COMPONENTS, SD15_REPO)
         frozen = frozen_dtype(precision, half_frozen_weights)
-        pipe = _load_pipeline(
+        pipe = _from_pretrained(
             StableDiffusionPipeline,
             root,
             SD15_REPO,
             frozen,
+            "the model path",
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -423,6 +471,3 @@ class SD15(_DiffusersBackbone):
         with self._autocast():
             out = self.model(self._in(x), timestep.to(self.device), encoder_hidden_states=cond.tokens).sample
         return out.to(x.device, x.dtype)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self._decode_scaled(latents / self.vae.config.scaling_factor)
