@@ -369,17 +369,26 @@ def first_order_plan(settings: RunConfig, measured: Measured) -> Plan:
 
     collection_reward = max(scoring(decode), reward_gradient(decode) if estimator == "terminal" else 0.0)
     sequences, chunk = 2 * rows, min(decode, rows)
+    through_policy = reward_gradient(chunk) + 2 * chunk * (b.saved + b.backward)
     signal = {
         "tweedie": reward_gradient(chunk),
         "terminal": 0.0,
-        "lookahead": reward_gradient(chunk) + 2 * chunk * (b.saved + b.backward),
+        "lookahead": through_policy,
+        "none": through_policy,  # SQDF: the reward of x' through the frozen reference's Tweedie map
     }[estimator]
-    transient = max(sequences * b.inference, signal, sequences * b.backward)
+    kept, aux_text = auxiliary_saved(arm["auxiliary"], rows)
+    if arm["auxiliary"] != "none":  # its reward gradients through the policy, one at a time
+        signal = max(signal, through_policy)
+    transient = max(sequences * b.inference, signal, (sequences + kept) * b.backward)
+    through_text = (
+        f"{chunk} row(s) x 2 (CFG) x {_mib(b.saved)} denoiser saved + {chunk} image(s) x "
+        f"({_mib(d.saved)} decoder + {_mib(r.saved)} reward saved)"
+    )
     signal_text = {
         "tweedie": f"{chunk} image(s) x ({_mib(d.saved)} decoder + {_mib(r.saved)} reward saved)",
         "terminal": "none: the terminal gradients come from collection",
-        "lookahead": f"{chunk} row(s) x 2 (CFG) x {_mib(b.saved)} denoiser saved + {chunk} image(s) x "
-        f"({_mib(d.saved)} decoder + {_mib(r.saved)} reward saved)",
+        "lookahead": through_text,
+        "none": through_text,
     }[estimator]
     phases = [
         resident.load,
@@ -398,10 +407,10 @@ def first_order_plan(settings: RunConfig, measured: Measured) -> Plan:
         ),
         Row(
             "training",
-            (sequences * b.saved + transient) / GIB + casts,
-            f"{rows} row(s) x 2 (CFG) x {_mib(b.saved)} saved, then the largest of the reference forward "
-            f"({_mib(sequences * b.inference)}), the {estimator} reward gradient ({signal_text}) and the "
-            f"backward ({_mib(sequences * b.backward)})",
+            ((sequences + kept) * b.saved + transient) / GIB + casts,
+            f"{rows} row(s) x 2 (CFG) x {_mib(b.saved)} saved{aux_text}, then the largest of the "
+            f"reference forward ({_mib(sequences * b.inference)}), the {estimator} reward gradient "
+            f"({signal_text}) and the backward ({_mib(sequences * b.backward)})",
         ),
         Row(
             "evaluation",
@@ -418,6 +427,16 @@ def first_order_plan(settings: RunConfig, measured: Measured) -> Plan:
         "load": model.precision,
     }
     return _finish(resident, phases, knobs, trajectory_store(settings))
+
+
+def auxiliary_saved(kind: str, rows: int) -> tuple[int, str]:
+    """Extra backbone sequences whose activations the unpruned losses keep until the backward: the
+    value network's three unguided forwards and the reference's guided forward differentiated in its
+    input (VGG-Flow's consistency loss); nabla-GFN's residual UNet is small beside the backbone."""
+    if kind != "value_adapter":
+        return 0, ""
+    extra = 3 * rows + 2 * rows
+    return extra, f" + {extra} value-net / reference sequence(s) kept for the consistency loss"
 
 
 def trajectory_store(settings: RunConfig) -> Row:

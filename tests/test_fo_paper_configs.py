@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOW = {  # arm -> (method, reward scale, eta mode, estimator): spec §B.3 table and Fig. 6(a,b)
     "Redesign (flow)": ("reward-score-distillation-flow", 1.5e7, "linear", "terminal"),
     "VGG-Flow (pruned)": ("vgg-flow", 3e7, "quad", "tweedie"),
+    "VGG-Flow (unpruned)": ("vgg-flow-unpruned", 3e7, "quad", "tweedie"),
     "Linear Baseline A": ("vgg-flow-linear-a", 3e7, "linear", "tweedie"),
     "Linear Baseline B": ("vgg-flow-linear-b", 1.5e7, "linear", "tweedie"),
 }
@@ -39,7 +40,13 @@ DIFFUSION = {  # arm -> (method, strength, reward mode, estimator, lr, epochs): 
     ),
 }
 ARMS = {
-    "fig5": ["Redesign (flow)", "VGG-Flow (pruned)", "Redesign (diffusion)", "Residual nabla-DB (pruned)"],
+    "fig5": [
+        "Redesign (flow)",
+        "VGG-Flow (pruned)",
+        "VGG-Flow (unpruned)",
+        "Redesign (diffusion)",
+        "Residual nabla-DB (pruned)",
+    ],
     "fig6": [
         "Redesign (flow)",
         "Linear Baseline A",
@@ -102,9 +109,22 @@ def test_flow_arms_are_the_published_vgg_flow_runs(paper, figure: str, arm: str)
     assert (config["trajectories_per_epoch"], config["collection_batch"]) == (8, 8)
     assert (config["transitions"], config["estimator"]) == ("all", estimator)
     assert not config["rank_identical_seeding"]  # the choice of spec §B.1's flag: 32 distinct trajectories
-    # spec §B.2: batch 4 x accumulation 2 = one update of 8 x 20 = 160 rows, forwards of 4 rows
+    # spec §B.2: batch 4 x accumulation 2 = one update of 8 x 20 = 160 rows, forwards of 4 rows; §B.5:
+    # the unpruned batch 1 x accumulation 8 (forwards of 1 row) with its value network, terminal weight
+    # 1000 averaged per 1-row microbatch, finite differences at 1e-4
     assert loop.updates_per_epoch == 1 and rows_per_update(settings) == 160
-    assert config["microbatch_rows"] == 4
+    unpruned = method.endswith("-unpruned")
+    assert config["microbatch_rows"] == (1 if unpruned else 4)
+    assert config["auxiliary"] == ("value_adapter" if unpruned else "none")
+    if unpruned:
+        assert (config["aux_lora_rank"], config["aux_lora_alpha"], config["aux_head_scale"]) == (8, 8.0, 1e-5)
+        assert (config["aux_max_grad_norm"], config["value_condition"]) == (1.0, "empty")
+        assert config["aux_lr"] is None and config["aux_weight_decay"] is None  # the policy's AdamW
+        assert (objective["coeff_terminal"], objective["terminal_group_rows"], objective["fd_eps"]) == (
+            1000.0,
+            1,
+            1e-4,
+        )
     # spec §B.4: AdamW lr 5e-4, decay 1e-2, 201 epochs; §B.6: eval every 50 epochs
     assert (loop.lr, loop.weight_decay, loop.epochs) == (5e-4, 1e-2, 201)
     assert loop.eval_every == 50
