@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.smoke_reference import UNTIMED
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "tempflow-grpo-seed0"
 
@@ -41,7 +43,8 @@ def metrics(runs: Path) -> list[dict]:
     path = runs / "fig3-smoke" / RUN / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [
-        {k: v for k, v in row.items() if not (k.startswith("time_") or k == "wallclock_h")} for row in rows
+        {k: v for k, v in row.items() if not k.startswith(UNTIMED)}
+        for row in rows  # machine measurements out
     ]
 
 
