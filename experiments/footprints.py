@@ -31,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from reward_models.hpsv2 import VIT_H_14
 from rsm_core.backbones import architectures
 
 REDUCED_LAYERS = 3  # blocks of the measured SD3.5-M copy: one MMDiT-X (dual attention), one plain, the last
@@ -50,26 +51,10 @@ CLIP_VIT_L_VISION = dict(
     image_size=224,
     projection_dim=768,
 )
-# CLIP ViT-H-14 (laion2B-s32B-b79K: HPSv2.1's open_clip model, PickScore's fine-tune of it): text width
-# 1024 x 24 layers, vision width 1280 x 32 layers, patch 14 at 224 px, GELU, 1024-d embeddings
-CLIP_VIT_H_TEXT = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    projection_dim=1024,
-    hidden_act="gelu",
-)
-CLIP_VIT_H_VISION = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=224,
-    projection_dim=1024,
-    hidden_act="gelu",
-)
+# CLIP ViT-H-14 (laion2B-s32B-b79K: HPSv2.1's open_clip model, PickScore's fine-tune of it), as the
+# HPSv2.1 reward builds it
+CLIP_VIT_H_TEXT = {**VIT_H_14["text_config"], "projection_dim": VIT_H_14["projection_dim"]}
+CLIP_VIT_H_VISION = {**VIT_H_14["vision_config"], "projection_dim": VIT_H_14["projection_dim"]}
 CLIP_G_TEXT = dict(
     hidden_size=1280,
     intermediate_size=5120,
