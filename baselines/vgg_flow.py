@@ -185,7 +185,7 @@ def unpruned_loss(
     t_back = t - eps / 1000  # eps_t is in timestep units, t = 1000 sigma
     grad_back = _reward_grad(reward, x, x, policy, t_back, "velocity", tau)
     time_diff = (value_estimate(value(x, t_back), t_back, grad_back) - v_hat) / eps
-    v_ref = reference(x, t).detach()
+    v_ref = rows.f_ref.detach()  # the reference at (x, t): the rows carry it
     fd_reference = (reference(x + eps * v_hat, t) - v_ref) / eps
     direction = (v_ref / scale + v_hat).detach()
     moved = x + eps * direction
