@@ -13,15 +13,17 @@ ifeq ($(SCALE),paper)
 RUN_FIG3       = $(PY) -m experiments.launch --processes 2
 RUN_FIG_ZO     = $(PY) -m experiments.launch --processes 4
 RUN_FIG_FO     = $(PY) -m experiments.launch --processes 4
+RUN_FIG_ZO_DIFF = $(PY) -m experiments.launch --processes 4
 else
 RUN_FIG3       = $(PY) -m
 RUN_FIG_ZO     = $(PY) -m
 RUN_FIG_FO     = $(PY) -m
+RUN_FIG_ZO_DIFF = $(PY) -m
 endif
 
 .DEFAULT_GOAL := help
 METHOD      ?= tempflow-grpo
-.PHONY: help setup test test-slow lint train fig3 fig-zo-flow fig5 fig6 paper-data paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv plan
+.PHONY: help setup test test-slow lint train fig3 fig-zo-flow fig-zo-diffusion fig5 fig6 paper-data paper-embeddings bench fig-toy fig-nim table1 smoke-reference toy-assets tiny-assets tiny-check clean-venv plan
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +57,9 @@ fig3: setup  ## Figure 3: TempFlow-GRPO vs Uniform vs Equal Variance Reallocatio
 fig-zo-flow: setup  ## GenEval validation: lowsnr2 + matching + fair clip2 vs TempFlow-GRPO (SCALE=smoke|tiny|paper)
 	$(RUN_FIG_ZO) experiments.fig_zo_flow --scale $(SCALE) $(ARGS)
 
+fig-zo-diffusion: setup  ## Fig. 16 b, c: PCPO vs the sparse-branching redesign on diffusion (SCALE=smoke|tiny|paper)
+	$(RUN_FIG_ZO_DIFF) experiments.fig_zo_diffusion --scale $(SCALE) $(ARGS)
+
 paper-data: setup  ## fetch the paper runs' prompt files and aesthetic head, sha256-checked, into $RSM_BENCH_DATA (or ~/.cache/rsm_bench)
 	$(PY) -m experiments.paper_data $(ARGS)
 
@@ -65,10 +70,10 @@ fig6: setup  ## Figure 6: estimator or weighting? Linear Baselines A/B, the esti
 	$(RUN_FIG_FO) experiments.fig6 --scale $(SCALE) $(ARGS)
 
 FIG         ?= fig3
-paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow|fig5|fig6, SCALE=paper|1gpu)
+paper-embeddings: setup  ## embed every prompt of a paper figure's runs to disk, once (FIG=fig3|fig_zo_flow|fig_zo_diffusion|fig5|fig6, SCALE=paper|1gpu)
 	$(PY) -m experiments.embeddings --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
 
-plan: setup  ## per-GPU memory plan of a paper run (SCALE=paper|1gpu FIG=fig3|fig_zo_flow|fig5|fig6)
+plan: setup  ## per-GPU memory plan of a paper run (SCALE=paper|1gpu FIG=fig3|fig_zo_flow|fig_zo_diffusion|fig5|fig6)
 	$(PY) -m experiments.plan --figure $(FIG) --scale $(if $(filter tiny smoke,$(SCALE)),paper,$(SCALE)) $(ARGS)
 
 bench: setup  ## per-epoch time split and NFE per parent of each Figure 3 arm (results/tables/bench_zo_flow.md)

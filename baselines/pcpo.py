@@ -8,6 +8,9 @@ constant-weight ("reweight") variants.
   Canonical: G = 1 A w_bar eps/(2 |kappa| d), P = 1 A w_bar^2/(2 kappa^2 d), C1 = 0.
 - PCPO-reweight (flow, the 'ppo' path): the ratio's exponent is multiplied by m_t = zeta delta_t / w_t,
   rho = exp(m_t log rho); G and P are the GRPO ones times m_t (and sg(rho)).
+
+``weighted_log_ratio`` is the matching loss's log-ratio with the kernel weight replaced; TempFlow-GRPO's
+"pcpo" reweight uses it and ``ZETA`` too.
 """
 
 from __future__ import annotations
@@ -28,9 +31,25 @@ from baselines.common import (
 )
 from baselines.method import Method, Relation, Signal, TableRow
 from rsm_core import grids
+from rsm_core.flows import per_sample
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, Surrogate, clipped_ratio, matching
 from rsm_core.transitions import Transitions
+
+# The flow reweight's constant (published, both in PCPO's flow code and in TempFlow-GRPO's trainer);
+# its normalisation rule is not pinned.
+ZETA = 4.3152134639895925
+
+
+def weighted_log_ratio(f_theta: Tensor, rows: Transitions, weight: Tensor | float) -> Tensor:
+    """-(1/2 mean_d (w df)^2 + mean_d (w df eps)), df = f_theta - f_old, from the stored noise eps.
+
+    With w = w_t this is log rho (theory spec §1.4); with another w it is the log-ratio of a kernel
+    of that weight, which is how the PCPO reweights replace w_t inside the matching loss.
+    """
+    weighted = per_sample(weight, f_theta) * (f_theta - rows.f_old.detach())
+    return -(0.5 * reduce_per_sample(weighted**2, "mean") + reduce_per_sample(weighted * rows.noise, "mean"))
+
 
 # --- PCPO-reweight on diffusion ("uw-sigma") ---------------------------------------------------
 
@@ -50,11 +69,29 @@ class PCPODiffusionConfig:
 
 def reweight_loss(f_theta: Tensor, rows: Transitions, config: PCPODiffusionConfig) -> Surrogate:
     rows.require("noise", "advantage", method="PCPO-reweight")
-    weighted = config.loss_weight * (f_theta - rows.f_old.detach())
     # "bad" noise-matching precision, as published: the theta-free 1/2 mean_d z^2 is left out.
-    m = 0.5 * reduce_per_sample(weighted**2, "mean") + reduce_per_sample(weighted * rows.noise, "mean")
     # matching(-m) is max(eps_c |A| + A m, 0): -m is the log-ratio of a kernel of weight w_bar.
-    return matching(-m, clip_advantage(rows, config.adv_clip_max), config.clip_range)
+    log_ratio = weighted_log_ratio(f_theta, rows, config.loss_weight)
+    return matching(log_ratio, clip_advantage(rows, config.adv_clip_max), config.clip_range)
+
+
+def approx_kl(f_theta: Tensor, rows: Transitions, config: PCPODiffusionConfig) -> Tensor:
+    """The published ``approx_kl``: 1/2 mean_d (W (eps_theta - eps_ref))^2 with W = 4.5, not W / S.
+    PCPO logs it per row and on the evaluation's KL axis; the redesign also trains its ODE anchors with
+    it. It is a proxy: the kernel's exact KL weights each step by its own w'_t (spec §5)."""
+    rows.require("f_ref", method="PCPO approx_kl")
+    return 0.5 * reduce_per_sample((config.const_weight * (f_theta - rows.f_ref)) ** 2, "mean")
+
+
+def diagnostics(
+    f_theta: Tensor, rows: Transitions, config: PCPODiffusionConfig, surrogate: Surrogate
+) -> dict[str, Tensor]:
+    """Per row, as published: ``clipfrac`` (eps_c |A| + A m < 0: the row's trust region has closed)
+    and ``approx_kl``."""
+    adv = clip_advantage(rows, config.adv_clip_max)
+    log_ratio = weighted_log_ratio(f_theta, rows, config.loss_weight)  # -m
+    closed = config.clip_range * adv.abs() - adv * log_ratio < 0
+    return {"clipfrac": closed.double(), "approx_kl": approx_kl(f_theta, rows, config)}
 
 
 def reweight_coefficients(
@@ -70,7 +107,7 @@ def reweight_coefficients(
 
 @dataclass(frozen=True)
 class PCPOFlowConfig:
-    zeta: float = 4.3152134639895925  # published constant; its normalisation rule is not pinned
+    zeta: float = ZETA
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     beta: float = 0.01
@@ -144,6 +181,11 @@ METHODS = [
         coefficients=reweight_coefficients,
         needs=("noise", "advantage"),
         note="sampler std nu' from W = 4.5; loss weight w_bar = 4.5 / 8.70575 = 0.5169",
+        # the published SD1.5 PCPO trainer (spec §3): 8 prompts x 16 trajectories per rank, 49 trained
+        # transitions of each, 2 updates per epoch; the arm's defaults are its settings
+        arm="zo_trajectory",
+        kl=approx_kl,
+        diagnostics=diagnostics,
     ),
     Method(
         name="pcpo-reweight-flow",

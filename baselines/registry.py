@@ -13,6 +13,7 @@ from baselines import (
     pcpo,
     reinforce,
     residual_nabla_db,
+    sparse_branching,
     sqdf,
     tempflow_grpo,
     vgg_flow,
@@ -26,6 +27,7 @@ METHODS: tuple[Method, ...] = (
     reinforce.METHOD,
     *grpo.METHODS,
     *pcpo.METHODS,
+    sparse_branching.METHOD,
     grpo_guard.METHOD,
     *tempflow_grpo.METHODS,
     branch_grpo.METHOD,
@@ -45,7 +47,8 @@ def reduced() -> tuple[Method, ...]:
 
 def published() -> tuple[Method, ...]:
     """The rows of Table 1: the baselines as the RSM configs run them (the unpruned originals of the
-    first-order baselines are trainable baselines without a row of their own)."""
+    first-order baselines and the TempFlow-GRPO trainer's GRPO-Guard and PCPO reweights are trainable
+    baselines without a row of their own)."""
     return tuple(m for m in METHODS if m.family is Family.BASELINE and m.table is not None)
 
 

@@ -8,6 +8,9 @@ reference carry the branch-count weight k_avg / k_i, and rows with a zero advant
 (policy and KL). Canonical (per child): G = 1 gamma A b eps/(2 nu d), P = 1 gamma A b^2/(2 nu^2 d),
 C1 = alpha_t b^2/(2 nu^2 d), gamma = 2.25 nu_t, all times k_avg / k_i; the "ppo" form carries
 sg(rho) on G and P.
+
+The published trainer also offers GRPO-Guard's and PCPO's reweights (spec §8.1-8.2), trained here as
+"tempflow-grpo-guard" and "tempflow-pcpo" on the same branching rows.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from baselines import pcpo
 from baselines.common import (
     KLDenominator,
     clip_advantage,
@@ -27,6 +31,7 @@ from baselines.common import (
     mean_log_ratio,
     policy_gradient_coefficients,
 )
+from baselines.grpo_guard import centred_log_ratio
 from baselines.method import Family, Method, Relation, Signal, TableRow
 from rsm_core import grids
 from rsm_core.config import require
@@ -37,7 +42,7 @@ from rsm_core.weighting import grpo_guard_weight
 ObjectiveForm = Literal["ppo", "matching"]
 # The reweight options of the published trainer (spec §8.1-8.2); Figure 3's redesigns use fair_clip,
 # the GenEval redesign fair_clip2 (fair clipping with GRPO-Guard's temporal weight nu_t / delta_t).
-Reweight = Literal["base", "tempflow", "fair_clip", "fair_clip2"]
+Reweight = Literal["base", "tempflow", "fair_clip", "fair_clip2", "grpo_guard", "pcpo"]
 FORMS = {"ppo": "ratio", "matching": "matching"}  # the trust region each objective clips with
 
 
@@ -72,12 +77,20 @@ def noise_weight(rows: Transitions, config: TempFlowConfig) -> Tensor:
     return config.noise_weight_scale * rows.kernel.nu
 
 
+def pcpo_weight(rows: Transitions) -> Tensor:
+    """zeta delta_t: the kernel weight PCPO's reweight puts in place of w_t."""
+    return pcpo.ZETA * flow_step(rows.kernel)
+
+
 def clip_scale_and_weight(rows: Transitions, config: TempFlowConfig) -> tuple[Tensor, Tensor]:
-    """(kappa_t, lambda_t): the clip acts on kappa_t log rho and lambda_t multiplies the clipped term.
+    """(kappa_t, lambda_t): the clip acts on kappa_t log rho' and lambda_t multiplies the clipped term.
 
     Spec §8.1/8.2: tempflow puts 2.25 nu_t outside the clip for "ppo" and inside for "matching";
     fair clipping clips nu_t^2 log rho (a mean shift in latent units) and divides by nu_t^2 outside,
-    times GRPO-Guard's nu_t / delta_t for fair_clip2.
+    times GRPO-Guard's nu_t / delta_t for fair_clip2. grpo_guard clips nu_t log rho' (rho' centred,
+    see ``clipped_value``) and divides by delta_t; pcpo scales the exponent by zeta delta_t / w_t.
+    For pcpo with "matching" kappa_t is the factor on log rho's linear term only (its quadratic term
+    gets kappa_t^2, see ``clipped_value``).
     """
     one = torch.ones_like(rows.kernel.nu)
     nu = rows.kernel.nu
@@ -88,8 +101,29 @@ def clip_scale_and_weight(rows: Transitions, config: TempFlowConfig) -> tuple[Te
         return (one, gamma) if config.objective == "ppo" else (gamma, one)
     if config.reweight == "fair_clip":
         return fair_clip_scales(nu)
+    if config.reweight == "grpo_guard":
+        return nu, 1 / flow_step(rows.kernel)
+    if config.reweight == "pcpo":
+        return pcpo_weight(rows) / rows.kernel.w, one
     # fair_clip2 (matching only: the config refuses ppo with it)
     return fair_clip_scales(nu, grpo_guard_weight(nu, flow_step(rows.kernel)))
+
+
+def clipped_value(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> Tensor:
+    """kappa_t log rho': the quantity the trust region acts on (-m of the "matching" objective).
+
+    grpo_guard: nu_t (log rho + mean_d (mu_theta - mu_old)^2 / (2 nu_t^2)), GRPO-Guard's centred
+    log-ratio, for both objectives; for "matching" the published -nu_t T2 is the same quantity.
+    pcpo with "matching": the published T1 + T2 computed with the kernel weight zeta delta_t instead
+    of w_t, i.e. 1/2 mean_d (zeta delta_t df)^2 + mean_d (zeta delta_t df eps) = kappa_t^2 T1 +
+    kappa_t T2 (kappa_t = zeta delta_t / w_t) -- not kappa_t (T1 + T2) as on the "ppo" path.
+    """
+    if config.reweight == "grpo_guard":
+        return centred_log_ratio(f_theta, rows)
+    if config.reweight == "pcpo" and config.objective == "matching":
+        return pcpo.weighted_log_ratio(f_theta, rows, pcpo_weight(rows))
+    scale, _ = clip_scale_and_weight(rows, config)
+    return scale * mean_log_ratio(f_theta, rows)
 
 
 def row_weight(rows: Transitions) -> Tensor:
@@ -98,14 +132,12 @@ def row_weight(rows: Transitions) -> Tensor:
 
 
 def _policy(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> tuple[Surrogate, Tensor]:
-    """The clipped policy term and the log-ratio its trust region acts on (kappa_t log rho)."""
-    scale, weight = clip_scale_and_weight(rows, config)
-    log_ratio = mean_log_ratio(f_theta, rows)
+    """The clipped policy term and the log-ratio its trust region acts on (kappa_t log rho')."""
+    _, weight = clip_scale_and_weight(rows, config)
+    value = clipped_value(f_theta, rows, config)
     adv = clip_advantage(rows, config.adv_clip_max)
-    policy = scaled_surrogate(
-        log_ratio, adv, config.clip_range, form=FORMS[config.objective], clip_scale=scale, weight=weight
-    )
-    return policy, scale * log_ratio
+    policy = scaled_surrogate(value, adv, config.clip_range, form=FORMS[config.objective], weight=weight)
+    return policy, value
 
 
 def kl(f_theta: Tensor, rows: Transitions, config: TempFlowConfig) -> Tensor:
@@ -126,9 +158,10 @@ def diagnostics(
 ) -> dict[str, Tensor]:
     """Per-row statistics as the published trainer logs them (spec §8.4), plus ours:
 
-    - ``clipfrac``: ppo |rho - 1| > eps_c with rho = exp(kappa log rho); matching eps_c |A| + A m < 0;
+    - ``clipfrac``: ppo |rho - 1| > eps_c with rho = exp(kappa log rho'); matching eps_c |A| + A m < 0
+      (m = -kappa log rho', ``clipped_value``: GRPO-Guard's centred and PCPO's reweighted forms too);
     - ``clip_zeroed_frac``: rows whose policy gradient the trust region zeroes (our own measure);
-    - ``approx_kl``: 0.5 (kappa log rho)^2; ``kl_loss``: the KL term with the row's k_avg / k_i.
+    - ``approx_kl``: 0.5 (kappa log rho')^2; ``kl_loss``: the KL term with the row's k_avg / k_i.
     """
     _, log_ratio = _policy(f_theta, rows, config)
     if config.objective == "ppo":
@@ -145,12 +178,25 @@ def diagnostics(
 
 
 def coefficients(f_theta: Tensor, rows: Transitions, config: TempFlowConfig, active: Tensor) -> Coefficients:
+    """The RSM reduction: kappa_t log rho' is linear in df for grpo_guard (P = 0, the centring drops
+    the old-policy anchor) and is the log-ratio of a kernel of weight zeta delta_t for pcpo matching."""
+    kernel = rows.kernel
     scale, weight = clip_scale_and_weight(rows, config)
-    policy = row_weight(rows) * active * clip_advantage(rows, config.adv_clip_max) * scale * weight
+    adv = clip_advantage(rows, config.adv_clip_max)
+    alpha = row_weight(rows) * config.beta * kl_scale(kernel, config.kl_denominator)
+    if config.reweight == "pcpo" and config.objective == "matching":
+        policy = row_weight(rows) * active * adv * weight
+        # G and P of the zeta delta_t kernel the clip acts on; C1 of the KL, which keeps w_t
+        own = policy_gradient_coefficients(pcpo_weight(rows), rows.noise, policy, 0.0, rows.elements)
+        kl_part = policy_gradient_coefficients(
+            kernel.w, rows.noise, torch.zeros_like(policy), alpha, rows.elements
+        )
+        return Coefficients(kl_part.c1, own.g, own.p)
+    policy = row_weight(rows) * active * adv * scale * weight
     if config.objective == "ppo":
-        policy = policy * torch.exp(scale * mean_log_ratio(f_theta, rows)).detach()
-    alpha = row_weight(rows) * config.beta * kl_scale(rows.kernel, config.kl_denominator)
-    return policy_gradient_coefficients(rows.kernel.w, rows.noise, policy, alpha, rows.elements)
+        policy = policy * torch.exp(clipped_value(f_theta, rows, config)).detach()
+    anchor = config.reweight != "grpo_guard"
+    return policy_gradient_coefficients(kernel.w, rows.noise, policy, alpha, rows.elements, anchor=anchor)
 
 
 _ROW = dict(
@@ -194,6 +240,28 @@ METHODS = [
         relation=Relation.EXACT,
         config=TempFlowConfig(objective="matching"),
         arm_config={"profile": "base"},
+        **_BRANCHING,
+    ),
+    # The published trainer's other reweight options (spec §8.1 "guard" and "pcpo"), with its default
+    # loss family (ppo) and profile: baselines without a row of Table 1 of their own.
+    Method(
+        name="tempflow-grpo-guard",
+        title="TempFlow-GRPO, GRPO-Guard reweight (ppo)",
+        relation=Relation.RATIO_FACTOR,
+        config=TempFlowConfig(reweight="grpo_guard"),
+        arm_config={"profile": "base"},
+        note="the published TempFlow-GRPO trainer's 'guard' reweight option: the clip acts on nu_t "
+        "times the centred log-ratio, the clipped term is divided by delta_t",
+        **_BRANCHING,
+    ),
+    Method(
+        name="tempflow-pcpo",
+        title="TempFlow-GRPO, PCPO reweight (ppo)",
+        relation=Relation.RATIO_FACTOR,
+        config=TempFlowConfig(reweight="pcpo"),
+        arm_config={"profile": "base"},
+        note="the published TempFlow-GRPO trainer's 'pcpo' reweight option: the ratio's exponent is "
+        f"scaled by zeta delta_t / w_t (zeta = {pcpo.ZETA})",
         **_BRANCHING,
     ),
     # The paper's redesigns of zeroth-order flow matching (spec §14), configurations of the same parts.

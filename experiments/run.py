@@ -521,6 +521,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def scale_files(method: Method, scale: str) -> list[Path]:
+    """A scale's sizes for ``method``: its arm kind's file (<kind>/<scale>.yaml), then, where there is
+    one, the kind's file for the method's model family (<kind>/<scale>.eps.yaml or .v.yaml: e.g. the
+    uw-sigma sampler of the diffusion methods needs more steps than the flow ones take)."""
+    file = CONFIGS / method.arm / f"{scale}.yaml"
+    if not file.is_file():
+        scales = sorted(path.stem for path in file.parent.glob("*.yaml") if "." not in path.stem)
+        raise ConfigError(f"{method.name} has no {scale} scale ({file}); its scales are {scales}")
+    family = CONFIGS / method.arm / f"{scale}.{method.grid().kernel.point.prediction}.yaml"
+    return [file, family] if family.is_file() else [file]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -535,11 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-cpu", action="store_true", help="run a paper-scale model without a GPU")
     args = parser.parse_args(argv)
     method = trainable_method(args.method)
-    file = CONFIGS / method.arm / f"{args.scale}.yaml"  # each arm kind's sizes
-    if not file.is_file():
-        scales = sorted(path.stem for path in file.parent.glob("*.yaml"))
-        raise ConfigError(f"{method.name} has no {args.scale} scale ({file}); its scales are {scales}")
-    cfg = load_config(RunConfig, file, overrides=[f"method={args.method}", *args.set])
+    cfg = load_config(
+        RunConfig, *scale_files(method, args.scale), overrides=[f"method={args.method}", *args.set]
+    )
     resolved = resolve(cfg)
     name = args.name or f"{resolved.method}-{args.scale}-seed{resolved.seed}"
     started = time.perf_counter()

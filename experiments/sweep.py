@@ -181,20 +181,40 @@ DRIFT = "transition drift to the reference\n(mean over steps of mean_d (dt (v - 
 KL = "KL to the reference\n(per element, mean over the sampler's steps)"
 
 
-def plot_panels(data: pd.DataFrame, stem: Path, title: str, ylabel: str, y: str = "reward") -> list[Path]:
-    """(a) y vs training wall-clock, (b) y vs KL, per arm with its seed band."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+@dataclass(frozen=True)
+class Axis:
+    """A panel's x-axis: the frame column it plots and how the panel says so."""
+
+    column: str
+    label: str
+    title: str
+
+
+PANELS = (
+    Axis("wallclock_h", WALLCLOCK, "(a) reward vs wall-clock"),
+    Axis("kl", "KL to the reference\n(per element, summed over the trained steps)", "(b) reward vs KL"),
+)
+
+
+def plot_panels(
+    data: pd.DataFrame,
+    stem: Path,
+    title: str,
+    ylabel: str,
+    y: str = "reward",
+    panels: tuple[Axis, ...] = PANELS,
+) -> list[Path]:
+    """y against each panel's x (default: (a) training wall-clock, (b) KL), per arm with its seed band."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), constrained_layout=True)
     for arm, part in data.groupby("arm", sort=False):
-        for ax, x in zip(axes, ("wallclock_h", "kl"), strict=True):
-            _draw(ax, part, x, y, arm)
-    axes[0].set_xlabel(WALLCLOCK)
-    axes[1].set_xlabel("KL to the reference\n(per element, summed over the trained steps)")
-    for ax in axes:
+        for ax, panel in zip(axes, panels, strict=True):
+            _draw(ax, part, panel.column, y, arm)
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.set_xlabel(panel.label)
+        ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_title("(a) reward vs wall-clock", fontsize=10)
-    axes[1].set_title("(b) reward vs KL", fontsize=10)
-    axes[1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
+    axes[-1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, data, stem)
 
@@ -245,6 +265,7 @@ def main(
     extra: dict[str, tuple[str, ...]] | None = None,
     rows: list[PanelRow] | None = None,
     runs: str | None = None,
+    panels: tuple[Axis, ...] = PANELS,
 ) -> None:
     """Run every arm x seed of ``figure`` at a scale (reusing complete runs) and draw it: two panels,
     or with ``rows`` one row of two panels per model family. ``runs`` names the sweep directory
@@ -306,7 +327,7 @@ def main(
     stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
     if rows is None:
         data = frame(sweep, chosen, list(cfg.seeds), extra)
-        paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y)
+        paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y, panels)
     else:
         data = frame(sweep, chosen, list(cfg.seeds), extra, divergence="kl_or_drift")
         paths = plot_rows(data, stem, f"{title} ({args.scale})", ylabel, rows)

@@ -43,6 +43,8 @@ class Budget:
             "nfe": self.nfe,
             "reward_calls": self.reward_calls,
             "wallclock_h": self.training_hours,
+            # every phase, evaluation included: how the SD1.5 zeroth-order trainers count (spec §5)
+            "wallclock_eval_h": sum(self.seconds.values()) / 3600,
             **{f"time_{phase}": seconds for phase, seconds in self.seconds.items()},
         }
 

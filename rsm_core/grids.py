@@ -82,6 +82,12 @@ def vp_pcpo(alphas_cumprod: Tensor, timesteps: Tensor, weight: float = 4.5) -> G
     """DDIM with PCPO's uw-sigma std on a descending DDPM-index grid."""
     abar, abar_prev = flows.ddim_alpha_pairs(alphas_cumprod.double(), timesteps)
     kernel = kernels.pcpo_sde(abar, abar_prev, weight)
+    undefined = torch.nonzero(torch.isnan(kernel.nu)).flatten().tolist()
+    if undefined:  # (1 - abar')(W^2 + 1) < c1^2: the quadratic has no real root on so coarse a step
+        raise ValueError(
+            f"PCPO's uw-sigma std (W = {weight:g}) has no real root at steps {undefined} of this "
+            f"{len(timesteps)}-step grid; use a finer grid (SD1.5's schedule needs at least 28 steps)"
+        )
     return Grid(f"pcpo{len(timesteps)}", kernel, timesteps.double(), len(timesteps))
 
 
@@ -95,6 +101,12 @@ def sd15_ddpm(steps: int = 50, eta: float = 1.0) -> Grid:
     return replace(
         vp_ddim(flows.vp_alphas_cumprod(), flows.ddim_timesteps(steps), eta), name=f"sd15-ddim{steps}"
     )
+
+
+def pcpo_weight_scale(steps: int = 50, weight: float = 4.5) -> float:
+    """S = W / mean_t w_t of SD1.5's DDPM grid of ``steps`` steps: PCPO's loss weight W / S is the mean
+    DDPM weight (8.70575 for 50 steps; recompute it for another grid, zo_diffusion spec §2, §8)."""
+    return weight / float(sd15_ddpm(steps).kernel.w.mean())
 
 
 def sd15_pcpo(steps: int = 50, weight: float = 4.5, trained: int = 49) -> Grid:

@@ -118,3 +118,14 @@ def equal_variance(step_std: Sequence[float], signal_std: Sequence[float], total
     if s.shape != spread.shape or (s <= 0).any():
         raise ValueError("need one positive step std and one reward spread per trained step")
     return proportional(spread / s, total, AUTO_EQUAL_VARIANCE)
+
+
+SPARSE = "sparse"  # the SD1.5 redesign's schedule: k children at every stride-th step (zo_diffusion §4.1)
+
+
+def strided(steps: int, stride: int, k: int) -> Profile:
+    """k children at steps 0, stride, 2 stride, ... of ``steps`` trained steps, none elsewhere (the
+    published SD1.5 redesign: k = 4 at steps 0, 10, 20, 30, 40 of 49)."""
+    if steps < 1 or stride < 1 or k < 1:
+        raise ValueError(f"a strided profile needs steps, stride and k >= 1, got {steps}, {stride}, {k}")
+    return Profile(SPARSE, tuple(k if i % stride == 0 else 0 for i in range(steps)))

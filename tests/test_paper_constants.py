@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines import common, registry, residual_nabla_db, sqdf, vgg_flow
+from baselines import common, pcpo, registry, residual_nabla_db, sqdf, tempflow_grpo, vgg_flow
 from rsm_core import flows, grids
 from rsm_core.transitions import Transitions
 from rsm_core.weighting import gapped_ddpm_std
@@ -83,6 +83,19 @@ def test_published_guards() -> None:
     """Not in the spec: the published codes' guards (vggflow and nabla-gfn training scripts)."""
     assert vgg_flow.CLIP_EPS == 1e-8  # g / (||g|| + 1e-8) min(||g||, tau)
     assert common.TERMINAL_EPS == 1e-6  # sum over terminal rows / (n_terminal + 1e-6)
+
+
+def test_flow_pcpo_zeta() -> None:
+    """zo_flow_tempflow spec §8.1: the flow PCPO reweight's kappa_t = zeta delta_t / w_t with
+    zeta = 4.3152134639895925, in PCPO's flow baseline and in TempFlow-GRPO's "pcpo" reweight."""
+    zeta = 4.3152134639895925
+    assert pcpo.PCPOFlowConfig().zeta == pcpo.ZETA == 4.3152134639895925
+    kernel = grids.sd35_flow_grpo().kernel
+    rows = Transitions(kernel=kernel, x=torch.zeros(len(kernel.nu), 1), f_old=torch.zeros(len(kernel.nu), 1))
+    delta = common.flow_step(kernel)
+    assert torch.equal(tempflow_grpo.pcpo_weight(rows), zeta * delta)
+    scale, weight = tempflow_grpo.clip_scale_and_weight(rows, registry.get("tempflow-pcpo").config)
+    assert torch.allclose(scale, zeta * delta / kernel.w, rtol=1e-15, atol=0) and torch.all(weight == 1)
 
 
 # --- grids -----------------------------------------------------------------------------------------

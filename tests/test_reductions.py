@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from baselines import grpo, registry, residual_nabla_db, vgg_flow
+from baselines import grpo, registry, residual_nabla_db, tempflow_grpo, vgg_flow
 from baselines.common import terminal_rows_mean
 from baselines.method import Family, Method
+from rsm_core import grids
 from rsm_core.kernels import reduce_per_sample
 from rsm_core.loss import Coefficients, rsm_loss
 from rsm_core.transitions import Transitions
@@ -272,14 +273,19 @@ def test_the_ratio_form_needs_its_per_sample_ratio(nets) -> None:
     assert away[active].max() > 1e3 * TOLERANCE
 
 
+# the published TempFlow-GRPO trainer's other reweight options: baselines trained without a row of their own
+TRAINER_OPTIONS = ("tempflow-grpo-guard", "tempflow-pcpo")
+
+
 def test_every_method_declares_a_table_row_and_the_unreduced_say_why() -> None:
     names = [m.name for m in registry.METHODS]
     assert len(names) == len(set(names))
     for method in registry.METHODS:
         if method in registry.published():
             assert all(vars(method.table).values()), method.name
-        elif method.family is Family.BASELINE:  # an unpruned original: trained, but no row of its own
-            assert method.name.endswith("-unpruned") and method.reduced, method.name
+        elif method.family is Family.BASELINE:  # an unpruned original or a trainer's option: no row
+            assert method.name.endswith("-unpruned") or method.name in TRAINER_OPTIONS, method.name
+            assert method.reduced, method.name
         else:  # a redesign is not a row of Table 1, but its reduction is checked like a baseline's
             assert method.table is None and method.reduced, method.name
         if not method.reduced:
@@ -476,14 +482,15 @@ def test_a_loss_names_the_fields_its_rows_lack() -> None:
 TEMPFLOW_REWEIGHTS = [
     (objective, reweight)
     for objective in ("ppo", "matching")
-    for reweight in ("base", "tempflow", "fair_clip", "fair_clip2")
+    for reweight in ("base", "tempflow", "fair_clip", "fair_clip2", "grpo_guard", "pcpo")
     if (objective, reweight) != ("ppo", "fair_clip2")
 ]
 
 
 @pytest.mark.parametrize(("objective", "reweight"), TEMPFLOW_REWEIGHTS)
 def test_every_tempflow_reweight_reduces(objective: str, reweight: str, nets) -> None:
-    """The redesigns' reweights (fair clipping, fair_clip2) reduce like the published tempflow one."""
+    """The redesigns' reweights (fair clipping, fair_clip2) and the published trainer's GRPO-Guard
+    and PCPO options reduce like the published tempflow one."""
     base = registry.get("tempflow-grpo")
     method = replace(base, config=replace(base.config, objective=objective, reweight=reweight))
     policy, reference = nets
@@ -501,3 +508,71 @@ def test_fair_clip2_has_no_ratio_form() -> None:
     base = registry.get("tempflow-grpo")
     with pytest.raises(ValueError, match="only for objective 'matching'"):
         replace(base.config, reweight="fair_clip2")
+
+
+ZETA = 4.3152134639895925  # zo_flow_tempflow spec §8.1
+
+
+def _mean_d(values: Tensor) -> Tensor:
+    return values.flatten(1).mean(1)
+
+
+def _flow_step_by_hand(kernel, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mu, s, Delta, w) of the Flow-GRPO SDE step as spec §4 writes it, from sigma_i, sigma_i+1, s_i."""
+    sigma, delta, s = kernel.point.sigma, kernel.point.sigma - kernel.prev.sigma, kernel.nu
+    sigtil2 = s**2 / delta
+    c = 1 + sigtil2 * (1 - sigma) / (2 * sigma)
+    col = (-1, *([1] * (x.ndim - 1)))
+    mu = x * (1 - sigtil2 * delta / (2 * sigma)).reshape(col) - (delta * c).reshape(col) * v
+    return mu, s, delta, delta * c / s
+
+
+@pytest.mark.parametrize("objective", ["ppo", "matching"])
+@pytest.mark.parametrize("reweight", ["grpo_guard", "pcpo"])
+def test_the_trainer_reweights_are_the_spec_table(objective: str, reweight: str) -> None:
+    """Spec §8.1/8.2 written out on SD3.5's SDE steps: rows at every step, moved from the old policy
+    by 1e-7 ... 1e-1 so that both clip branches occur; the KL with the heuristic denominator and the
+    branch weight k_avg / k_i as in §8.4 and §9."""
+    gen = torch.Generator().manual_seed(11)
+    grid = grids.sd35_flow_grpo()
+    kernel = grid.kernel.select(torch.arange(len(grid)).repeat(2))
+    rows_n = kernel.nu.shape[0]
+    x, v_old, v_ref, eps = (torch.randn(rows_n, *SHAPE, generator=gen) for _ in range(4))
+    moves = torch.logspace(-7, -1, rows_n).reshape(-1, 1, 1)
+    v = v_old + moves * torch.randn(rows_n, *SHAPE, generator=gen)
+    adv = 3 * torch.randn(rows_n, generator=gen)
+    bw = 0.5 + 1.5 * torch.rand(rows_n, generator=gen)
+    config = replace(registry.get("tempflow-grpo").config, objective=objective, reweight=reweight)
+    rows = Transitions(
+        kernel=kernel, x=x, f_old=v_old, f_ref=v_ref, noise=eps, advantage=adv, branch_weight=bw
+    )
+    native = tempflow_grpo.loss(v, rows, config)
+
+    mean = _mean_d
+    mu, s, delta, w = _flow_step_by_hand(kernel, x, v)
+    mu_old, _, _, _ = _flow_step_by_hand(kernel, x, v_old)
+    mu_ref, _, _, _ = _flow_step_by_hand(kernel, x, v_ref)
+    col = (-1, 1, 1)
+    x_next = mu_old + s.reshape(col) * eps
+    ell = mean(-((x_next - mu) ** 2) + (x_next - mu_old) ** 2) / (2 * s**2)
+    a, clip = adv.clamp(-5, 5), 1e-4
+    if objective == "ppo":
+        if reweight == "grpo_guard":
+            kappa, lam = s, 1 / delta
+            ell = ell + mean((mu - mu_old) ** 2) / (2 * s**2)
+        else:
+            kappa, lam = ZETA * delta / w, torch.ones_like(s)
+        rho = torch.exp(kappa * ell)
+        policy = lam * torch.maximum(-a * rho, -a * rho.clamp(1 - clip, 1 + clip))
+    else:
+        diff = v - v_old
+        if reweight == "grpo_guard":
+            m, lam = s * mean(w.reshape(col) * diff * eps), 1 / delta
+        else:
+            weighted = ZETA * delta.reshape(col) * diff
+            m, lam = 0.5 * mean(weighted**2) + mean(weighted * eps), torch.ones_like(s)
+        policy = lam * torch.clamp(clip * a.abs() + a * m, min=0)
+    kl = mean((mu - mu_ref) ** 2) / (2 * s**2) * delta
+    expected = bw * (policy + config.beta * kl)
+    torch.testing.assert_close(native.loss, expected, rtol=1e-9, atol=1e-15)
+    assert native.active.any() and (~native.active).any()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from rsm_core.arms.fo_trajectory import FOTrajectoryArm, FOTrajectoryConfig
 from rsm_core.arms.zo_branch import ZOBranchArm, ZOBranchConfig
+from rsm_core.arms.zo_trajectory import ZOTrajectoryArm, ZOTrajectoryConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ KINDS = {
     for kind in (
         ArmKind("zo_branch", ZOBranchArm, ZOBranchConfig),
         ArmKind("fo_trajectory", FOTrajectoryArm, FOTrajectoryConfig),
+        ArmKind("zo_trajectory", ZOTrajectoryArm, ZOTrajectoryConfig),
     )
 }
 

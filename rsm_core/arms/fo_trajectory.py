@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rsm_core.arms import auxiliary
+from rsm_core.arms import auxiliary, walks
 from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
 from rsm_core.config import require
@@ -174,17 +174,6 @@ def _check_pairing(objective: Objective, config: FOTrajectoryConfig) -> None:
         raise ValueError(f"{name} has no auxiliary network to train; set arm.auxiliary=none")
 
 
-NoiseFn = Callable[[torch.Size], Tensor]
-ObserveFn = Callable[[int, Tensor, Tensor, Any], None]
-
-
-@dataclass(frozen=True)
-class Walk:
-    states: Tensor  # (B, N + 1, *D)
-    native: Tensor  # (B, N, *D)
-    noise: Tensor | None  # (B, N, *D)
-
-
 @dataclass
 class Trajectories:
     """An epoch's trajectories: every state, the sampling policy's outputs, the chosen rows."""
@@ -319,28 +308,6 @@ class FOTrajectoryArm:
         self.calls += 1
         return [self.train_prompts[i] for i in rng.integers(len(self.train_prompts), size=count)]
 
-    @torch.no_grad()
-    def _walk(
-        self, prompts: list[str], start: Tensor, draw: NoiseFn, observe: ObserveFn | None = None
-    ) -> Walk:
-        """The training sampler from ``start`` with the policy; ``draw(shape)`` gives the DDPM noise
-        and ``observe(i, x_i, f_i, cond)`` sees every state and output."""
-        cond = self.backbone.encode(prompts)
-        states, natives, noises = [start], [], []
-        for i in range(len(self.grid)):
-            kernel, x = self.grid[i], states[-1]
-            f = self.backbone.native(x, self.times[i], cond, cfg=self.config.cfg)
-            if observe is not None:
-                observe(i, x, f, cond)
-            natives.append(f)
-            if kernel.stochastic:
-                noises.append(draw(x.shape))
-                states.append(kernel.sample(x.double(), f.double(), noises[-1].double()).float())
-            else:
-                states.append(kernel.mean(x.double(), f.double()).float())
-        noise = torch.stack(noises, 1) if noises else None
-        return Walk(torch.stack(states, 1), torch.stack(natives, 1), noise)
-
     def _sample_reward(self, prompts: list[str], metas: list[dict]) -> Callable[[Tensor], Tensor]:
         """Clean latents -> rewards of their decoded images for these prompts, differentiable; every
         call counts as reward-gradient calls."""
@@ -365,21 +332,25 @@ class FOTrajectoryArm:
 
     def collect(self, budget: Budget) -> Trajectories:
         config, latent = self.config, self.backbone.latent_shape
-        walks, metas = [], []
+        paths, metas = [], []
         for _ in range(config.trajectories_per_epoch // config.collection_batch):
             call_metas = self._draw_prompts(config.collection_batch)
             with budget.timer("sample"):
                 start = torch.randn(len(call_metas), *latent, generator=self.generator)
-                walk = self._walk(
+                path = walks.walk(
+                    self.backbone,
+                    self.grid,
+                    self.times,
                     [m["prompt"] for m in call_metas],
                     start,
+                    config.cfg,
                     lambda shape: torch.randn(shape, generator=self.generator),
                 )
             budget.nfe += len(call_metas) * len(self.grid)
-            walks.append(walk)
+            paths.append(path)
             metas += call_metas
         prompts = [m["prompt"] for m in metas]
-        states = torch.cat([w.states for w in walks])
+        states = torch.cat([w.states for w in paths])
         with budget.timer("reward"):
             final = states[:, -1]
             reward = decode_and_score(
@@ -393,8 +364,8 @@ class FOTrajectoryArm:
             prompts,
             metas,
             states=states,
-            native=torch.cat([w.native for w in walks]),
-            noise=torch.cat([w.noise for w in walks]) if walks[0].noise is not None else None,
+            native=torch.cat([w.native for w in paths]),
+            noise=torch.cat([w.noise for w in paths]) if paths[0].noise is not None else None,
             reward=reward["r"].double(),
             terminal_grad=terminal,
         )
@@ -578,45 +549,19 @@ class FOTrajectoryArm:
         from its own generator, so the values do not depend on the split."""
         config = self.config
         metas = [m for m in self.eval_prompts for _ in range(config.eval_images_per_prompt)]
-        mine = range(part * len(metas) // parts, (part + 1) * len(metas) // parts)
-        values: dict[str, list[Tensor]] = {
-            "reward": [],
-            self.divergence_name: [],
-            **{n: [] for n in self.eval_extra},
-        }
-        for first in range(mine.start, mine.stop, config.eval_batch):
-            images = range(first, min(first + config.eval_batch, mine.stop))
-            for name, value in self._evaluate_batch([metas[i] for i in images], images).items():
-                values[name].append(value)
-        return {
-            name: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for name, v in values.items()
-        }
-
-    def _evaluate_batch(self, metas: list[dict], images: range) -> dict[str, Tensor]:
-        config, prompts = self.config, [m["prompt"] for m in metas]
-        if config.eval_fixed_noise:
-            generators = [torch.Generator().manual_seed(config.eval_seed + i) for i in images]
-        else:
-            generators = [self.generator] * len(images)
-
-        def draw(shape: torch.Size) -> Tensor:
-            return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
-
-        divergence = torch.zeros(len(prompts), dtype=torch.float64)
-
-        def observe(i: int, x: Tensor, f: Tensor, cond) -> None:
-            nonlocal divergence
-            f_ref = self.backbone.native(x, self.times[i], cond, cfg=config.cfg, adapter=None)
-            divergence = divergence + self._divergence(self.grid[i], f, f_ref) / len(self.grid)
-
-        walk = self._walk(
-            prompts, draw(torch.Size((len(prompts), *self.backbone.latent_shape))), draw, observe
+        evaluation = walks.WalkEvaluation(
+            self.backbone,
+            self.grid,
+            self.times,
+            config.cfg,
+            {"reward": self.reward, **self.eval_extra},
+            {self.divergence_name: lambda i, x, f, f_ref: self._divergence(self.grid[i], f, f_ref)},
+            config.eval_batch,
+            config.decode_chunk,
+            config.eval_seed if config.eval_fixed_noise else None,
+            self.generator,
         )
-        rewards = {"reward": self.reward, **self.eval_extra}
-        scores = decode_and_score(
-            self.backbone, rewards, walk.states[:, -1], prompts, metas, config.decode_chunk
-        )
-        return {name: value.double() for name, value in scores.items()} | {self.divergence_name: divergence}
+        return evaluation(metas, part, parts)
 
     # --- resume ---------------------------------------------------------------------------------
     def state(self) -> dict:

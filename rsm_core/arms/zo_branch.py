@@ -11,14 +11,16 @@ method's name.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from rsm_core import estimators, profiles
+from rsm_core.arms import layout, walks
 from rsm_core.backbones.base import POLICY
 from rsm_core.budget import Budget
 from rsm_core.config import require
@@ -30,15 +32,32 @@ from rsm_core.transitions import Transitions
 
 @dataclass(frozen=True)
 class ZOBranchConfig:
-    profile: str = "base"  # a published profile (rsm_core.profiles) or "auto-equal-variance"
+    # a published profile (rsm_core.profiles), "auto-equal-variance", or "sparse": sparse_k children
+    # at every sparse_stride-th of the sampler_steps - 1 trained steps (the SD1.5 redesign)
+    profile: str = "base"
     # auto-equal-variance keeps the total children per parent of this profile and starts from it
     auto_from: str = "base"
+    sparse_k: int = 4
+    sparse_stride: int = 10
     sampler_steps: int = 10
     noise_level: float = 0.7
+    # the children's SDE step on a vp (eps) model: None = DDPM; W = PCPO's uw-sigma std with that
+    # constant (the SD1.5 redesign: 4.5, zo_diffusion spec §2)
+    sde_uw_sigma: float | None = None
     cfg: float = 4.5
-    prompts_per_epoch: int = 16
-    seeds_per_prompt: int = 4  # parents per prompt; the 4 parents of a prompt are never pooled
+    prompts_per_epoch: int = 16  # over all shards
+    seeds_per_prompt: int = 4  # parents per prompt
     collection_batch: int = 4  # parents per sampling call
+    # "k_repeat": per sampling call, distinct prompts for all shards' slots, each seeds_per_prompt
+    # times, shuffled over the slots (TempFlow-GRPO's sampler); "epoch": the SD1.5 trainers' shuffled
+    # distributed sampler, each shard's prompts repeated in a row and cut into calls (rsm_core.arms.layout)
+    prompt_sampler: Literal["k_repeat", "epoch"] = "k_repeat"
+    # "independent": a fresh x_T per parent; "shared_halves": two x_T per epoch broadcast over whole
+    # calls (the SD1.5 trainers), so the deterministic trunks of a prompt's parents coincide
+    initial_noise: Literal["independent", "shared_halves"] = "independent"
+    # the advantage group of a child: its (parent, step) (TempFlow-GRPO: a prompt's parents are never
+    # pooled) or its (prompt, step) (the SD1.5 redesign's group_strategy "prompt")
+    group_by: Literal["parent", "prompt"] = "parent"
     microbatch_rows: int = 108  # rows per policy microbatch (latent_chunk_size 12 x 9 steps)
     chunk: int = 12  # rows per model call in the rollout
     decode_chunk: int = 12  # images per VAE decode and reward call (published 12; memory only)
@@ -48,6 +67,15 @@ class ZOBranchConfig:
     adv_std_eps: float = 1e-4
     # GenEval redesign: a KL-to-reference row at each parent's ODE state of every k = 0 step
     ode_anchors: bool = False
+    # 0: every anchor row (the flow trainer); r > 0: a random min(all, floor(r x child rows)) of them
+    # (the SD1.5 redesign's anchor_row_max_ratio 0.1)
+    anchor_ratio: float = 0.0
+    # each anchor row weighted by k_avg, as the flow trainer does (spec §9); the SD1.5 redesign: 1
+    anchor_k_avg: bool = True
+    # "ode": the policy's ODE sample and the summed KL of the trained steps' SDE kernels along it
+    # (TempFlow-GRPO's evaluation); "sde": the plain SDE sampler's sample with fixed noise, and the
+    # exact KL and the method's proxy averaged over its steps (the SD1.5 trainers', spec §5)
+    eval_sampler: Literal["ode", "sde"] = "ode"
     eval_steps: int = 40
     eval_batch: int = 16  # test images per sampling call and process (published 16 per GPU)
     # images per test prompt: 1 for Pick-a-Pic (Figure 3), 4 for GenEval's test metadata (spec §12)
@@ -62,7 +90,7 @@ class ZOBranchConfig:
     half_rounding: bool = True
 
     def __post_init__(self) -> None:
-        choices = [*profiles.PUBLISHED, profiles.AUTO_EQUAL_VARIANCE]
+        choices = [*profiles.PUBLISHED, profiles.AUTO_EQUAL_VARIANCE, profiles.SPARSE]
         require(
             self.profile in choices,
             "profile",
@@ -79,15 +107,23 @@ class ZOBranchConfig:
         require(self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be at least 1")
         require(self.noise_level > 0, "noise_level", "must be positive (the SDE children need noise)")
         require(self.adv_std_eps > 0, "adv_std_eps", "must be positive")
-        steps = len(
-            profiles.named(self.auto_from if self.profile == profiles.AUTO_EQUAL_VARIANCE else self.profile).k
-        )
+        require(self.anchor_ratio >= 0, "anchor_ratio", "must not be negative (0 = every anchor row)")
+        require(self.sde_uw_sigma is None or self.sde_uw_sigma > 0, "sde_uw_sigma", "must be positive")
+        require(self.sparse_k >= 1 and self.sparse_stride >= 1, "sparse_k", "sparse_k and sparse_stride >= 1")
+        steps = len(self.initial_profile().k)
         require(  # the published trainers never train the last step (int(10 x 0.99) = 9 steps)
             steps <= self.sampler_steps - 1,
             "sampler_steps",
             f"the profile trains {steps} steps; a {self.sampler_steps}-step sampler trains at most "
             f"{self.sampler_steps - 1}",
         )
+
+    def initial_profile(self) -> profiles.Profile:
+        """The profile of the first epoch (auto-equal-variance re-derives it from measurements)."""
+        if self.profile == profiles.SPARSE:
+            return profiles.strided(self.sampler_steps - 1, self.sparse_stride, self.sparse_k)
+        auto = self.profile == profiles.AUTO_EQUAL_VARIANCE
+        return profiles.named(self.auto_from if auto else self.profile)
 
 
 @dataclass
@@ -103,6 +139,7 @@ class EpochRows:
     noise: Tensor  # (R, *D)
     reward: Tensor  # (R,)
     advantage: Tensor  # (R,)
+    group: Tensor  # (R,) the advantage group of each child
     branch_weight: Tensor  # (R,)
     profile: profiles.Profile  # the profile these rows were collected with
     # the frozen reference's output at trunk states, computed once when first needed: (P, L, *D)
@@ -150,12 +187,13 @@ class ZOBranchArm:
         self.seed, self.rank, self.world = seed, rank, world
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)
         self.generator = torch.Generator().manual_seed(seed + rank)  # set_seed(device_specific)
-        self.calls = 0  # sampling calls so far: the prompt sampler's state
+        self.calls = 0  # sampling calls so far: the k_repeat prompt sampler's state
+        self.epochs = 0  # epochs drawn so far: the epoch prompt sampler's state
         self.ode = backbone.flow.ode_grid(config.sampler_steps)
-        self.sde = backbone.flow.sde_grid(config.sampler_steps, config.noise_level)
+        self.sde = backbone.flow.sde_grid(config.sampler_steps, config.noise_level, config.sde_uw_sigma)
         self.times = backbone.grid_times(config.sampler_steps)
         auto = config.profile == profiles.AUTO_EQUAL_VARIANCE
-        self.profile = profiles.named(config.auto_from if auto else config.profile)
+        self.profile = config.initial_profile()
         self.spread_sum = np.zeros(len(self.profile.k))  # auto profile: summed per-step reward spread
         self.spread_count = np.zeros(len(self.profile.k))
         if (config.prompts_per_epoch * config.seeds_per_prompt) % (config.collection_batch * world):
@@ -166,6 +204,14 @@ class ZOBranchArm:
             )
         if auto and world > 1:
             raise ValueError("the auto-equal-variance profile measures one shard; run it with one shard")
+        shard_parents = config.prompts_per_epoch // world * config.seeds_per_prompt
+        uneven = config.prompts_per_epoch % world or shard_parents % config.collection_batch
+        if config.prompt_sampler == "epoch" and uneven:
+            raise ValueError(
+                "the epoch prompt sampler deals prompts_per_epoch over the shards and cuts each shard's "
+                f"parents into calls of collection_batch: {config.prompts_per_epoch} prompts, {world} "
+                f"shards, {config.seeds_per_prompt} seeds, calls of {config.collection_batch} do not divide"
+            )
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
@@ -187,15 +233,42 @@ class ZOBranchArm:
         ]
         return [metas[i] for i in mine]
 
-    def collect(self, budget: Budget) -> EpochRows:
+    def _calls(self) -> Iterator[tuple[list[dict], Tensor]]:
+        """The epoch's sampling calls: each one's parents and their initial noise, drawn lazily (the
+        noise of a call comes from the shard's generator right before its rollout)."""
         config, latent = self.config, self.backbone.latent_shape
+        batches = None
+        if config.prompt_sampler == "epoch":
+            metas = layout.epoch_prompts(
+                self.train_prompts,
+                self.seed,
+                self.epochs,
+                self.rank,
+                self.world,
+                config.prompts_per_epoch // self.world,
+                config.seeds_per_prompt,
+            )
+            self.epochs += 1
+            size = config.collection_batch
+            batches = [metas[s : s + size] for s in range(0, len(metas), size)]
         calls = config.prompts_per_epoch * config.seeds_per_prompt // (config.collection_batch * self.world)
+        shared = None
+        if config.initial_noise == "shared_halves":
+            shared = layout.shared_initial_noise(calls, config.collection_batch, latent, self.generator)
+        for call in range(calls):
+            call_metas = batches[call] if batches is not None else self._draw_prompts()
+            if shared is not None:
+                yield call_metas, shared[call]
+            else:
+                yield call_metas, torch.randn(len(call_metas), *latent, generator=self.generator)
+
+    def collect(self, budget: Budget) -> EpochRows:
+        config = self.config
         parts, metas, offset = [], [], 0
         with ScoreQueue(
             self.backbone, {"reward": self.reward}, config.decode_chunk, config.reward_workers
         ) as queue:
-            for _ in range(calls):
-                call_metas = self._draw_prompts()
+            for call_metas, start in self._calls():
                 with budget.timer("sample"):
                     cond = self.backbone.encode([m["prompt"] for m in call_metas])
 
@@ -204,7 +277,6 @@ class ZOBranchArm:
                             x, self.times[step], cond[parents], cfg=config.cfg, guidance_dtype=rounded
                         )
 
-                    start = torch.randn(len(call_metas), *latent, generator=self.generator)
                     out = branching_rollout(
                         guided,
                         self.ode,
@@ -229,7 +301,7 @@ class ZOBranchArm:
         prompts = [m["prompt"] for m in metas]
         parent = torch.cat([out.parent + off for out, off in parts])
         step = torch.cat([out.step for out, _ in parts])
-        group = self._group(parent, step)
+        group = self._advantage_group(prompts, parent, step)
         weights = torch.tensor(
             [self.profile.branch_weight(i) if k else 0.0 for i, k in enumerate(self.profile.k)]
         )
@@ -244,11 +316,20 @@ class ZOBranchArm:
             noise=torch.cat([out.noise for out, _ in parts]),
             reward=reward,
             advantage=advantage,
+            group=group,
             branch_weight=weights[step],
             profile=self.profile,
         )
         self._measure_spread(rows, group)
         return rows
+
+    def _advantage_group(self, prompts: list[str], parent: Tensor, step: Tensor) -> Tensor:
+        """One id per (parent, step), or per (prompt, step) with group_by="prompt"."""
+        if self.config.group_by == "parent":
+            return self._group(parent, step)
+        ids = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+        owner = torch.tensor([ids[prompt] for prompt in prompts])[parent]
+        return self._group(owner, step)
 
     def _measure_spread(self, rows: EpochRows, group: Tensor) -> None:
         """Per-step mean within-group reward std; re-derives the auto-equal-variance profile."""
@@ -283,6 +364,8 @@ class ZOBranchArm:
         if self.config.ode_anchors and off:
             pairs = len(batch.prompts) * len(off)
             anchors = torch.arange(pairs)[torch.randperm(pairs, generator=self.generator)]
+            if self.config.anchor_ratio > 0:  # a random subset of at most ratio x child rows
+                anchors = anchors[: min(pairs, int(self.config.anchor_ratio * rows))]
         off_steps = torch.tensor(off, dtype=torch.long)
         return [
             Microbatch(
@@ -343,8 +426,9 @@ class ZOBranchArm:
             anchor_rows = Transitions(
                 kernel=self.sde.kernel.select(anchor_step), x=x_a, f_old=f_a.detach(), f_ref=f_ref_a
             )
-            # anchors are not advantage-masked; each carries the weight k_avg (spec §9)
-            anchor_kl = (self.objective.kl(f_a, anchor_rows) * batch.profile.k_avg).mean()
+            # anchors are not advantage-masked; each carries the weight k_avg (flow spec §9) or 1
+            weight = batch.profile.k_avg if self.config.anchor_k_avg else 1.0
+            anchor_kl = (self.objective.kl(f_a, anchor_rows) * weight).mean()
             loss = loss + self.objective.beta * anchor_kl
         with torch.no_grad():
             diagnostics = self.objective.diagnostics(f_theta, rows, per_row)
@@ -355,7 +439,7 @@ class ZOBranchArm:
         }
 
     def batch_stats(self, batch: EpochRows) -> dict[str, float]:
-        stats = estimators.group_stats(batch.reward, self._group(batch.parent, batch.step))
+        stats = estimators.group_stats(batch.reward, batch.group)
         return {  # means over the shard's rows, so that equal-sized shards can be averaged
             "reward_mean": float(batch.reward.mean()),
             "reward_sq_mean": float((batch.reward**2).mean()),
@@ -373,6 +457,8 @@ class ZOBranchArm:
         is drawn on every process, so the values do not depend on how it is split."""
         config = self.config
         metas = [m for m in self.eval_prompts for _ in range(config.eval_images_per_prompt)]
+        if config.eval_sampler == "sde":
+            return self._evaluate_sde(metas, part, parts)
         generator = (
             torch.Generator().manual_seed(config.eval_seed) if config.eval_fixed_noise else self.generator
         )
@@ -407,10 +493,29 @@ class ZOBranchArm:
         )
         return {name: value.double() for name, value in scores.items()} | {"kl": kl}
 
+    def _evaluate_sde(self, metas: list[dict], part: int, parts: int) -> dict[str, Tensor]:
+        """The plain SDE sampler over eval_steps with the children's kernel (spec §5)."""
+        config, flow = self.config, self.backbone.flow
+        grid = flow.sde_grid(config.eval_steps, config.noise_level, config.sde_uw_sigma)
+        evaluation = walks.WalkEvaluation(
+            self.backbone,
+            grid,
+            self.backbone.grid_times(config.eval_steps),
+            config.cfg,
+            {"reward": self.reward, **self.eval_extra},
+            walks.kl_divergences(grid, self.objective.kl),
+            config.eval_batch,
+            config.decode_chunk,
+            config.eval_seed if config.eval_fixed_noise else None,
+            self.generator,
+        )
+        return evaluation(metas, part, parts)
+
     # --- resume ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "calls": self.calls,
+            "epochs": self.epochs,
             "profile": list(self.profile.k),
             "spread_sum": self.spread_sum.tolist(),
             "spread_count": self.spread_count.tolist(),
@@ -420,7 +525,7 @@ class ZOBranchArm:
         return {}
 
     def load_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
-        self.calls = state["calls"]
+        self.calls, self.epochs = state["calls"], state["epochs"]
         self.profile = profiles.Profile(self.profile.name, tuple(state["profile"]))
         self.spread_sum = np.array(state["spread_sum"])
         self.spread_count = np.array(state["spread_count"])

@@ -67,10 +67,15 @@ class FlowSpec:
             return grids.flow_ode(self.grid(steps))
         return grids.vp_ddim(self.alphas_cumprod, self.grid(steps), eta=0.0)
 
-    def sde_grid(self, steps: int, noise_level: float = 0.7) -> Grid:
-        """The stochastic sampler: Flow-GRPO's SDE (rf-v) or DDPM, i.e. DDIM eta = 1 (vp)."""
+    def sde_grid(self, steps: int, noise_level: float = 0.7, uw_sigma: float | None = None) -> Grid:
+        """The stochastic sampler: Flow-GRPO's SDE (rf-v) or DDPM, i.e. DDIM eta = 1 (vp); on vp,
+        ``uw_sigma`` = W takes PCPO's uw-sigma std with that constant instead (zo_diffusion spec §2)."""
         if self.kind == "rf-v":
+            if uw_sigma is not None:
+                raise ValueError("the uw-sigma std is PCPO's for eps-prediction (vp) models, not flows")
             return grids.flow_grpo_sde(self.grid(steps), noise_level)
+        if uw_sigma is not None:
+            return grids.vp_pcpo(self.alphas_cumprod, self.grid(steps), uw_sigma)
         return grids.vp_ddim(self.alphas_cumprod, self.grid(steps), eta=1.0)
 
     def grid(self, steps: int) -> Tensor:
