@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from experiments import fig3, fig5, fig6, fig_zo_flow
+from experiments import fig3, fig5, fig6, fig_zo_diffusion, fig_zo_flow
 from experiments.cli import run as run_cli
 from experiments.run import (
     PAPER_BACKBONES,
@@ -31,6 +31,7 @@ from rsm_core.config import load_config
 FIGURES: dict[str, tuple[dict[str, list[str]], list[PanelRow]]] = {
     "fig3": (fig3.ARMS, []),
     "fig_zo_flow": (fig_zo_flow.ARMS, []),
+    "fig_zo_diffusion": (fig_zo_diffusion.ARMS, []),
     "fig5": (fig5.ARMS, fig5.ROWS),
     "fig6": (fig6.ARMS, fig6.ROWS),
 }

@@ -292,18 +292,24 @@ def plan(settings: RunConfig, measured: Measured) -> Plan:
     kind = trainable_method(settings.method).arm
     if kind == "fo_trajectory":
         return first_order_plan(settings, measured)
-    if kind == "zo_branch":
-        return branching_plan(settings, measured)
+    if kind in ZEROTH_ORDER_KNOBS:
+        return zeroth_order_plan(settings, measured)
     raise ConfigError(f"the memory plan has no model of the {kind} arm kind ({settings.method})")
 
 
-def branching_plan(settings: RunConfig, measured: Measured) -> Plan:
-    """A branching zeroth-order arm on SD3.5-M: rollout chunks, decodes, microbatches, evaluation."""
+# each zeroth-order arm kind's names of (rows per rollout model call, rows per training microbatch)
+ZEROTH_ORDER_KNOBS = {"zo_branch": ("chunk", "microbatch_rows"), "zo_trajectory": ("sample_batch", "train_batch")}
+
+
+def zeroth_order_plan(settings: RunConfig, measured: Measured) -> Plan:
+    """A zeroth-order arm (branching or whole trajectories) on a paper backbone: rollout calls,
+    decodes, training microbatches, evaluation."""
     model, arm = settings.model, settings.arm
     resident = weights(settings)
     b = measured.backbone
     checkpointed = "checkpointed" if model.gradient_checkpointing else "no checkpointing"
-    rows, chunk, decode, evals = (arm[k] for k in ("microbatch_rows", "chunk", "decode_chunk", "eval_batch"))
+    rollout, training_rows = ZEROTH_ORDER_KNOBS[trainable_method(settings.method).arm]
+    rows, chunk, decode, evals = (arm[k] for k in (training_rows, rollout, "decode_chunk", "eval_batch"))
     sequences = 2 * rows
     casts = resident.casts if _half_bytes(model) == 2 else 0.0
     training = sequences * (b.saved + max(b.backward, b.inference)) / GIB + casts
@@ -342,6 +348,7 @@ def branching_plan(settings: RunConfig, measured: Measured) -> Plan:
         "training": rows,
         "evaluation": evals,
         "load": model.precision,
+        "knob_names": {"rollout": f"run.arm.{rollout}", "training": f"run.arm.{training_rows}"},
     }
     return _finish(resident, phases, knobs)
 
@@ -463,6 +470,7 @@ def check_fits(plan: Plan, gpu_memory_gb: float, where: str = "") -> None:
         return
     phase = plan.peak_phase
     knob, what = KNOBS[phase]
+    knob = plan.settings.get("knob_names", {}).get(phase, knob)  # the arm kind's own name for it
     raise ConfigError(
         f"{where}the memory plan's peak is {plan.peak:.1f} GiB per GPU in the {phase} phase, over "
         f"run.gpu_memory_gb={gpu_memory_gb:g}; lower {knob} (now {plan.settings[phase]}; "

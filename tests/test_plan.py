@@ -187,3 +187,25 @@ def test_reduced_networks_measure_positive_bytes_that_scale_with_pixels() -> Non
     tower = fp.measure_clip_vision(SMALL_CLIP)
     shallow = fp.measure_clip_vision({**SMALL_CLIP, "num_hidden_layers": 2})
     assert tower.saved > shallow.saved > 0
+
+
+# --- zeroth-order diffusion (PCPO, sparse branching) --------------------------------------------------
+
+
+def test_both_zeroth_order_diffusion_paper_arms_plan_with_their_own_knobs(monkeypatch) -> None:
+    """PCPO's trajectory arm and the redesign's branching arm are planned on SD1.5 with each kind's own
+    rollout and training knobs, and an over-budget arm is refused naming its kind's setting."""
+    monkeypatch.setattr(planner, "measure", lambda *args, **kwargs: fake())
+    plans = planner.figure_plans("fig_zo_diffusion", "paper", [])
+    assert set(plans) == {"PCPO", "Sparse branching (redesign)"}
+    for arm, (settings_, plan) in plans.items():
+        assert settings_.model.backbone == "sd15" and settings_.gpu_memory_gb == 24
+        assert [row.name for row in plan.phases] == ["load", "rollout", "decode", "training", "evaluation"]
+        assert all(row.gib > 0 for row in plan.phases), arm
+    pcpo_settings, pcpo_plan = plans["PCPO"]
+    assert pcpo_plan.settings["rollout"] == 8 and pcpo_plan.settings["training"] == 4  # sample / train batch
+    bigger = dataclasses.replace(pcpo_settings, arm={**pcpo_settings.arm, "train_batch": 400})
+    with pytest.raises(ConfigError, match=r"lower run\.arm\.train_batch \(now 400"):
+        planner.check_fits(planner.plan(bigger, fake()), 24)
+    _, redesign_plan = plans["Sparse branching (redesign)"]
+    assert redesign_plan.settings["rollout"] == 2 and redesign_plan.settings["training"] == 4
