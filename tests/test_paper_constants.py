@@ -1,4 +1,4 @@
-"""Every published constant of the first-order methods, pinned against fo_first_order spec.
+"""Every published constant of the methods, pinned against their specs (fo_first_order, zo_diffusion_pcpo).
 
 Each value is written literally from the spec (its section in the comment), so that a change to a
 config, a grid or the schedule math shows up as the number it breaks. Grid values are compared to
@@ -7,11 +7,15 @@ the precision the spec prints them with.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from baselines import common, pcpo, registry, residual_nabla_db, sqdf, tempflow_grpo, vgg_flow
 from rsm_core import flows, grids
+from rsm_core.arms.zo_branch import ZOBranchConfig
+from rsm_core.arms.zo_trajectory import ZOTrajectoryConfig
 from rsm_core.transitions import Transitions
 from rsm_core.weighting import gapped_ddpm_std
 
@@ -96,6 +100,103 @@ def test_flow_pcpo_zeta() -> None:
     assert torch.equal(tempflow_grpo.pcpo_weight(rows), zeta * delta)
     scale, weight = tempflow_grpo.clip_scale_and_weight(rows, registry.get("tempflow-pcpo").config)
     assert torch.allclose(scale, zeta * delta / kernel.w, rtol=1e-15, atol=0) and torch.all(weight == 1)
+
+
+# --- zeroth-order diffusion: PCPO and the sparse-branching redesign (zo_diffusion_pcpo spec) -------
+
+PCPO, SPARSE = registry.get("pcpo-reweight"), registry.get("sparse-branching")
+PCPO_ARM = ZOTrajectoryConfig(**PCPO.arm_config)  # the trajectory arm's defaults are PCPO's settings
+SPARSE_ARM = ZOBranchConfig(**SPARSE.arm_config)
+
+ZO_DIFFUSION_CONSTANTS = [
+    # --- PCPO's loss, spec §2 (W, S), §3.2 (advantage clip), §3.3 (clip range)
+    pytest.param(PCPO.config, "const_weight", 4.5, id="pcpo-W"),
+    pytest.param(PCPO.config, "weight_scale_factor", 8.70575076181, id="pcpo-S"),
+    pytest.param(PCPO.config, "clip_range", 1e-4, id="pcpo-clip_range"),
+    pytest.param(PCPO.config, "adv_clip_max", 5.0, id="pcpo-adv_clip"),
+    # --- the redesign keeps them (spec §4) and adds the anchor beta (§4.3)
+    pytest.param(SPARSE.config, "const_weight", 4.5, id="sparse-W"),
+    pytest.param(SPARSE.config, "weight_scale_factor", 8.70575076181, id="sparse-S"),
+    pytest.param(SPARSE.config, "clip_range", 1e-4, id="sparse-clip_range"),
+    pytest.param(SPARSE.config, "adv_clip_max", 5.0, id="sparse-adv_clip"),
+    pytest.param(SPARSE.config, "beta", 8e-5, id="sparse-beta"),
+    # --- PCPO's rollouts, spec §1 (CFG), §2 (sampler), §3.1-3.3 (per rank x 4 GPUs), §5 (evaluation)
+    pytest.param(PCPO_ARM, "uw_sigma", 4.5, id="pcpo-arm-uw_sigma"),
+    pytest.param(PCPO_ARM, "sampler_steps", 50, id="pcpo-arm-sampler_steps"),
+    pytest.param(PCPO_ARM, "trained_steps", 49, id="pcpo-arm-trained_steps"),  # the last one dropped
+    pytest.param(PCPO_ARM, "cfg", 5.0, id="pcpo-arm-cfg"),
+    pytest.param(PCPO_ARM, "prompts_per_epoch", 32, id="pcpo-arm-prompts"),  # 8 per rank
+    pytest.param(PCPO_ARM, "generations_per_prompt", 16, id="pcpo-arm-generations"),
+    pytest.param(PCPO_ARM, "sample_batch", 8, id="pcpo-arm-sample_batch"),
+    pytest.param(PCPO_ARM, "train_batch", 4, id="pcpo-arm-train_batch"),
+    pytest.param(PCPO_ARM, "adv_std_eps", 1e-8, id="pcpo-arm-adv_eps"),
+    pytest.param(PCPO_ARM, "initial_noise", "shared_halves", id="pcpo-arm-initial_noise"),
+    pytest.param(PCPO_ARM, "eval_steps", 50, id="pcpo-arm-eval_steps"),
+    pytest.param(PCPO_ARM, "eval_batch", 8, id="pcpo-arm-eval_batch"),
+    # --- the redesign's rollouts, spec §4.1-4.3 (per rank x 4 GPUs), §5
+    pytest.param(SPARSE_ARM, "profile", "sparse", id="sparse-arm-profile"),
+    pytest.param(SPARSE_ARM, "sparse_k", 4, id="sparse-arm-K"),
+    pytest.param(SPARSE_ARM, "sparse_stride", 10, id="sparse-arm-stride"),
+    pytest.param(SPARSE_ARM, "sampler_steps", 50, id="sparse-arm-sampler_steps"),
+    pytest.param(SPARSE_ARM, "sde_uw_sigma", 4.5, id="sparse-arm-uw_sigma"),
+    pytest.param(SPARSE_ARM, "cfg", 5.0, id="sparse-arm-cfg"),
+    pytest.param(SPARSE_ARM, "prompts_per_epoch", 32, id="sparse-arm-prompts"),  # 8 per rank
+    pytest.param(SPARSE_ARM, "seeds_per_prompt", 5, id="sparse-arm-seeds"),
+    pytest.param(SPARSE_ARM, "collection_batch", 8, id="sparse-arm-collection_batch"),
+    pytest.param(SPARSE_ARM, "microbatch_rows", 4, id="sparse-arm-microbatch_rows"),
+    pytest.param(SPARSE_ARM, "adv_std_eps", 1e-4, id="sparse-arm-adv_eps"),
+    pytest.param(SPARSE_ARM, "group_by", "prompt", id="sparse-arm-group_by"),
+    pytest.param(SPARSE_ARM, "prompt_sampler", "epoch", id="sparse-arm-prompt_sampler"),
+    pytest.param(SPARSE_ARM, "initial_noise", "shared_halves", id="sparse-arm-initial_noise"),
+    pytest.param(SPARSE_ARM, "ode_anchors", True, id="sparse-arm-anchors"),
+    pytest.param(SPARSE_ARM, "anchor_ratio", 0.1, id="sparse-arm-anchor_ratio"),
+    pytest.param(SPARSE_ARM, "anchor_k_avg", False, id="sparse-arm-anchor_k_avg"),
+    pytest.param(SPARSE_ARM, "eval_sampler", "sde", id="sparse-arm-eval_sampler"),
+    pytest.param(SPARSE_ARM, "eval_steps", 50, id="sparse-arm-eval_steps"),
+    pytest.param(SPARSE_ARM, "eval_batch", 8, id="sparse-arm-eval_batch"),
+]
+
+
+@pytest.mark.parametrize(("config", "field", "value"), ZO_DIFFUSION_CONSTANTS)
+def test_zo_diffusion_constant(config, field: str, value) -> None:
+    assert getattr(config, field) == value
+
+
+def test_zo_diffusion_methods_train_their_published_recipe() -> None:
+    """Spec §2: the loss weight W / S = 0.5168997; §3.3: PCPO has no KL term in its loss; §4.1: K = 4
+    at steps 0, 10, 20, 30, 40 of the 49 trained steps; each method on its own arm kind."""
+    assert PCPO.arm == "zo_trajectory" and SPARSE.arm == "zo_branch"
+    assert PCPO.config.loss_weight == pytest.approx(0.5168997, abs=5e-8)
+    assert SPARSE.config.loss_weight == PCPO.config.loss_weight
+    assert PCPO.objective().beta == 0.0 and SPARSE.objective().beta == 8e-5
+    assert SPARSE_ARM.initial_profile().k == tuple(4 if i in (0, 10, 20, 30, 40) else 0 for i in range(49))
+
+
+ZO_DIFFUSION_PAPER = Path(__file__).resolve().parents[1] / "experiments/configs/fig_zo_diffusion/paper.yaml"
+
+
+@pytest.mark.skipif(not ZO_DIFFUSION_PAPER.exists(), reason="fig_zo_diffusion has no paper.yaml yet")
+def test_fig_zo_diffusion_paper_arms_train_as_published() -> None:
+    """Spec §3.4 (and §4: the redesign shares them): LoRA rank 16 alpha 16, AdamW lr 3e-4 decay 1e-4,
+    300 epochs of 2 updates, no EMA; §5: evaluation every 10 epochs. Each arm resolved as
+    experiments.embeddings.figure_runs resolves a figure's arms (seed index 0)."""
+    from experiments import fig_zo_diffusion
+    from experiments.run import sections
+    from experiments.sweep import SweepConfig, arm_config, arm_settings
+    from rsm_core.config import load_config
+
+    cfg = load_config(SweepConfig, ZO_DIFFUSION_PAPER)
+    arms = arm_settings(cfg, fig_zo_diffusion.ARMS)
+    runs = {arm: sections(arm_config(cfg, items, seed=0)).run for arm, items in arms.items()}
+    assert {arm: settings.method for arm, settings in runs.items()} == {
+        "PCPO": "pcpo-reweight",
+        "Sparse branching (redesign)": "sparse-branching",
+    }
+    for arm, settings in runs.items():
+        model, loop = settings.model, settings.loop
+        assert (model.lora_rank, model.lora_alpha) == (16, 16.0), arm
+        assert (loop.lr, loop.weight_decay, loop.epochs) == (3e-4, 1e-4, 300), arm
+        assert loop.updates_per_epoch == 2 and not loop.ema and loop.eval_every == 10, arm
 
 
 # --- grids -----------------------------------------------------------------------------------------

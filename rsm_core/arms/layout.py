@@ -23,7 +23,7 @@ def epoch_prompts(
     repeated ``repeats`` times in a row."""
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     total = -(-len(order) // world) * world
-    order += order[: total - len(order)]
+    order = [order[i % len(order)] for i in range(total)]  # wraps as often as needed, as torch's does
     mine = order[rank:total:world][:count]
     if len(mine) < count:
         raise ValueError(
