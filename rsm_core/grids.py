@@ -105,7 +105,8 @@ def sd15_ddpm(steps: int = 50, eta: float = 1.0) -> Grid:
 
 def pcpo_weight_scale(steps: int = 50, weight: float = 4.5) -> float:
     """S = W / mean_t w_t of SD1.5's DDPM grid of ``steps`` steps: PCPO's loss weight W / S is the mean
-    DDPM weight (8.70575 for 50 steps; recompute it for another grid, zo_diffusion spec §2, §8)."""
+    DDPM weight (8.705743 for 50 steps, the published 8.70575076181 to six digits; recompute it for
+    another grid, zo_diffusion spec §2, §8)."""
     return weight / float(sd15_ddpm(steps).kernel.w.mean())
 
 
