@@ -21,6 +21,7 @@ TRAINABLE = registry.trainable()
 LOGGED = {
     "zo_branch": ("policy_loss", "clipfrac", "approx_kl", "eval_kl"),
     "fo_trajectory": ("loss",),
+    "zo_trajectory": ("policy_loss", "clipfrac", "approx_kl", "eval_kl", "eval_approx_kl"),
 }
 
 
@@ -66,7 +67,7 @@ def test_every_trainable_method_trains_one_smoke_epoch(method, tmp_path: Path) -
     )
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.method == method.name
-    sizes = OmegaConf.load(run_module.CONFIGS / method.arm / "smoke.yaml").get("arm", {})
+    sizes = OmegaConf.merge(*map(OmegaConf.load, run_module.scale_files(method, "smoke"))).get("arm", {})
     for key, value in method.arm_config.items():  # the method's own settings reached its arm
         assert config.arm[key] == sizes.get(key, value), key
     assert config.objective == OmegaConf.structured(method.config)  # its published loss settings

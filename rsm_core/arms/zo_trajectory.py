@@ -46,6 +46,9 @@ class ZOTrajectoryConfig:
     adv_std_eps: float = 1e-8  # A = (r - mean) / (population std + eps) per prompt group
     train_batch: int = 4  # trajectories per microbatch, one transition of each
     decode_chunk: int = 8
+    # threads scoring decoded chunks while the next sampling call runs (the published trainers: a
+    # 2-thread executor); 0 scores in line. The scores do not change (rsm_core.scoring.ScoreQueue).
+    reward_workers: int = 0
     eval_steps: int = 50
     eval_batch: int = 8
     eval_seed: int = 42  # test image j starts and steps with noise of its own generator (seed + j)
@@ -62,6 +65,7 @@ class ZOTrajectoryConfig:
         )
         require(self.uw_sigma is None or self.uw_sigma > 0, "uw_sigma", "must be positive (or null: DDPM)")
         require(self.adv_std_eps > 0, "adv_std_eps", "must be positive")
+        require(self.reward_workers >= 0, "reward_workers", "must not be negative (0 = score in line)")
         require(self.generations_per_prompt >= 2, "generations_per_prompt", "a group needs two samples")
 
 
@@ -146,7 +150,9 @@ class ZOTrajectoryArm:
             size = (config.sample_batch, *shape)
             starts = [torch.randn(size, generator=self.generator) for _ in range(calls)]
         paths = []
-        with ScoreQueue(self.backbone, {"reward": self.reward}, config.decode_chunk) as queue:
+        with ScoreQueue(
+            self.backbone, {"reward": self.reward}, config.decode_chunk, config.reward_workers
+        ) as queue:
             for call, start in enumerate(starts):
                 part = metas[call * config.sample_batch : (call + 1) * config.sample_batch]
                 prompts = [m["prompt"] for m in part]
