@@ -298,7 +298,10 @@ def plan(settings: RunConfig, measured: Measured) -> Plan:
 
 
 # each zeroth-order arm kind's names of (rows per rollout model call, rows per training microbatch)
-ZEROTH_ORDER_KNOBS = {"zo_branch": ("chunk", "microbatch_rows"), "zo_trajectory": ("sample_batch", "train_batch")}
+ZEROTH_ORDER_KNOBS = {
+    "zo_branch": ("chunk", "microbatch_rows"),
+    "zo_trajectory": ("sample_batch", "train_batch"),
+}
 
 
 def zeroth_order_plan(settings: RunConfig, measured: Measured) -> Plan:
