@@ -1,12 +1,13 @@
 """`make smoke-reference`: the numbers gate's reference — every figure's smoke run, measured.
 
-Runs the smoke scale of each figure (`fig3`, `fig-zo-flow`, `fig-toy`) in one thread, where our
-torch build is bit-for-bit repeatable, and records every number each run logged (metrics.jsonl rows
-without the wall-clock columns). `tests/test_numbers_gate.py` runs the same and compares with
-tests/reference/smoke_metrics.json: exactly when the torch version and the CPU kernels torch picked
-(its capability, e.g. AVX2 or AVX512) match the ones recorded, within ``TOLERANCE`` otherwise. A
-change that moves the numbers reruns this target and commits the new reference with a message that
-says why.
+Runs the smoke scale of each figure (`fig3`, `fig-zo-flow`, `fig-toy`), each in a fresh process with
+one thread, where our torch build is bit-for-bit repeatable (two such processes side by side: the
+figures share nothing but the read-only tiny world), and records every number each run logged
+(metrics.jsonl rows without the wall-clock columns). `tests/test_numbers_gate.py` runs the same and
+compares with tests/reference/smoke_metrics.json: exactly when the torch version and the CPU kernels
+torch picked (its capability, e.g. AVX2 or AVX512) match the ones recorded, within ``TOLERANCE``
+otherwise. A change that moves the numbers reruns this target and commits the new reference with a
+message that says why.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,22 +37,24 @@ TOLERANCE = {"rtol": 1e-3, "atol": 1e-6}  # another torch build: float rounding 
 UNTIMED = ("time_", "wallclock_", "peak_memory_gib")  # measurements of this machine, not of the method
 
 
-def measure(work: Path) -> dict:
-    """Run every figure's smoke into ``work`` and return its numbers, run by run."""
+def _run_figure(name: str, work: Path) -> None:
+    """One figure's smoke in this process, in one thread."""
+    torch.set_num_threads(1)
+    main, extra = FIGURES[name]
+    main(
+        ["--scale", "smoke", "--runs-dir", str(work / "runs"), "--figures-dir", str(work / "figures"), *extra]
+    )
+
+
+def measure(work: Path, processes: int = 2) -> dict:
+    """Run every figure's smoke into ``work`` (``processes`` at a time, each fresh) and return its
+    numbers, run by run."""
     torch.set_num_threads(1)
     runs: dict[str, list[dict]] = {}
-    for main, extra in FIGURES.values():
-        main(
-            [
-                "--scale",
-                "smoke",
-                "--runs-dir",
-                str(work / "runs"),
-                "--figures-dir",
-                str(work / "figures"),
-                *extra,
-            ]
-        )
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state carried between figures
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        for done in [pool.submit(_run_figure, name, work) for name in FIGURES]:
+            done.result()
     for metrics in sorted((work / "runs").rglob("metrics.jsonl")):
         run_dir = metrics.parent
         rows = read_metrics(run_dir)
