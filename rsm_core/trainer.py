@@ -244,7 +244,8 @@ class Trainer:
         row: dict[str, float] = {}
         for name, values in parts.items():
             every = self.collectives.gather(values.to(self.collectives.device, torch.float64)).cpu()
-            row[f"eval_{name}"], row[f"eval_{name}_std"] = float(every.mean()), float(every.std())
+            spread = float(every.std()) if every.numel() > 1 else float("nan")  # one image has none
+            row[f"eval_{name}"], row[f"eval_{name}_std"] = float(every.mean()), spread
         return row
 
     # --- checkpoints ----------------------------------------------------------------------------
