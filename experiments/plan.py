@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,7 @@ class Plan:
     totals: dict[str, float]  # phase -> GiB at its peak
     settings: dict[str, Any]  # the knobs' values, for messages
     host: Row | None = None  # CPU memory the run keeps besides (the first-order arms' trajectories)
+    knob_names: dict[str, str] = field(default_factory=dict)  # phase -> the arm kind's own setting
 
     @property
     def resident(self) -> float:
@@ -351,9 +352,9 @@ def zeroth_order_plan(settings: RunConfig, measured: Measured) -> Plan:
         "training": rows,
         "evaluation": evals,
         "load": model.precision,
-        "knob_names": {"rollout": f"run.arm.{rollout}", "training": f"run.arm.{training_rows}"},
     }
-    return _finish(resident, phases, knobs)
+    names = {"rollout": f"run.arm.{rollout}", "training": f"run.arm.{training_rows}"}
+    return dataclasses.replace(_finish(resident, phases, knobs), knob_names=names)
 
 
 def first_order_plan(settings: RunConfig, measured: Measured) -> Plan:
@@ -473,7 +474,7 @@ def check_fits(plan: Plan, gpu_memory_gb: float, where: str = "") -> None:
         return
     phase = plan.peak_phase
     knob, what = KNOBS[phase]
-    knob = plan.settings.get("knob_names", {}).get(phase, knob)  # the arm kind's own name for it
+    knob = plan.knob_names.get(phase, knob)
     raise ConfigError(
         f"{where}the memory plan's peak is {plan.peak:.1f} GiB per GPU in the {phase} phase, over "
         f"run.gpu_memory_gb={gpu_memory_gb:g}; lower {knob} (now {plan.settings[phase]}; "
