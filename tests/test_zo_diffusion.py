@@ -497,3 +497,30 @@ def test_sde_evaluation_does_not_depend_on_the_split(arm_fixture: str, request) 
     assert bool((whole["kl"] > 0).all()) and bool((whole["approx_kl"] > 0).all())
     assert whole["reward"].unique().numel() == 3  # three images, not one repeated
     assert math.isfinite(float(whole["approx_kl"].sum()))
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "branch"])
+def test_a_restored_arm_draws_the_same_next_epoch(kind: str, backbone, prompt_sets) -> None:
+    """What a checkpoint keeps of an arm (its state, and the generator the trainer saves) is all the
+    next epoch's prompts and noise depend on: the epoch sampler's count is part of the state."""
+    train, test = prompt_sets
+
+    def build():
+        if kind == "branch":
+            return sparse_arm(backbone, prompt_sets, seeds_per_prompt=1, collection_batch=1)
+        objective = registry.get("pcpo-reweight").objective()
+        config = ZOTrajectoryConfig(**(TRAJECTORY | {"generations_per_prompt": 2, "sample_batch": 2}))
+        return ZOTrajectoryArm(backbone, MeanPixel(), objective, train, test[:3], config, seed=0)
+
+    first = build()
+    first.collect(Budget())
+    state, rng = first.state(), first.generator.get_state()
+    expected = first.collect(Budget())
+    restored = build()
+    restored.load_state(state, restored.state_tensors())
+    restored.generator.set_state(rng)
+    again = restored.collect(Budget())
+    assert again.prompts == expected.prompts
+    assert torch.equal(again.reward, expected.reward)
+    fresh = build()  # without the state: epoch 0's prompts again, a different epoch
+    assert fresh.collect(Budget()).prompts != expected.prompts or len(train) == 1
