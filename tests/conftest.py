@@ -43,3 +43,13 @@ def smoke_figures(tmp_path_factory) -> Path:
         [*command, "--work", str(work)], cwd=REPO_ROOT, env=child_env(), check=True, capture_output=True
     )
     return work
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): a second
+    OpenMP thread only spin-waits there (100x slower on busy cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,14 +16,7 @@ from rsm_core.backbones.lora_export import export_lora
 from rsm_core.backbones.stable_diffusion import SD15, SD35
 from rsm_core.records import AssetError, current_umask
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: a second OpenMP thread only spin-waits (100x slower on busy cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

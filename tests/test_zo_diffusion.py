@@ -36,13 +36,7 @@ S = 8.70575076181  # PCPO's weight_scale_factor (spec §2)
 CLIP = 1e-4  # train_clip_range (spec §3.3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: a second OpenMP thread only spin-waits (100x slower on busy cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class MeanPixel:
