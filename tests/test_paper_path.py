@@ -2,7 +2,7 @@
 with the SD3.5 pipeline at the paper's 512 px, the GenEval reward through its HTTP server (a fake one
 on loopback), prompt files in GenEval's metadata format, bf16 autocast with fp32 LoRA and gradient
 checkpointing, prompt embeddings precomputed and the text encoders freed, the LoRA exported. Only the
-sizes shrink (one epoch of two parents), and it runs on the CPU with --allow-cpu."""
+sizes shrink (one epoch of two parents of one prompt), and it runs on the CPU with --allow-cpu."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def paper_arguments(tmp_path: Path, url: str) -> list[str]:
         "run.prompts.train_file": str(metadata_file(tmp_path / "train.jsonl", PROMPTS)),
         "run.prompts.test_file": str(metadata_file(tmp_path / "test.jsonl", PROMPTS[:2])),
         "run.geneval_url": url,
-        "run.arm.prompts_per_epoch": "2",
+        "run.arm.prompts_per_epoch": "1",
         "run.arm.seeds_per_prompt": "2",
         "run.arm.collection_batch": "2",
         "run.arm.microbatch_rows": "54",
