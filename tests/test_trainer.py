@@ -157,6 +157,19 @@ def test_evaluation_swaps_in_the_ema_only_where_one_is_kept(flow) -> None:
     assert all(group.ema is None for group in no_ema.groups)
 
 
+def test_an_evaluation_of_one_image_logs_a_nan_spread_without_a_warning(flow) -> None:
+    """The spread of one value is undefined: NaN in the row, not torch's degrees-of-freedom warning."""
+    import warnings
+
+    trainer = Trainer([TwoNetworkArm(flow, value_lr=1e-2)], LOOP)
+    trainer.shards[0].evaluate = lambda part, parts: {"reward": torch.tensor([0.5, 1.5]), "kl": torch.ones(1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = trainer.evaluate()
+    assert row["eval_reward"] == 1.0 and row["eval_reward_std"] == pytest.approx(2**0.5 / 2)
+    assert row["eval_kl"] == 1.0 and row["eval_kl_std"] != row["eval_kl_std"]  # NaN
+
+
 class ScalarArm:
     """One scalar parameter that every optimizer step moves by +lr (loss -w: Adam's first steps are
     sign steps): a loop whose weights after every step are known, to pin down when the EMA reads them."""
