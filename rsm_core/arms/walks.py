@@ -77,6 +77,25 @@ class WalkEvaluation:
     seed: int | None  # image j's noise from its own generator seeded seed + j; None: ``generator``
     generator: torch.Generator | None = None
 
+    @classmethod
+    def sde(
+        cls,
+        backbone: Backbone,
+        grid: Grid,
+        cfg: float | None,
+        rewards: Mapping[str, Reward],
+        proxy: Callable[[Tensor, Transitions], Tensor],
+        batch: int,
+        decode_chunk: int,
+        seed: int | None,
+        generator: torch.Generator | None = None,
+    ) -> WalkEvaluation:
+        """The SD1.5 zeroth-order trainers' evaluation on a stochastic ``grid``: the exact KL and the
+        method's ``proxy`` along each walk (``kl_divergences``)."""
+        times = backbone.grid_times(len(grid))
+        divergences = kl_divergences(grid, proxy)
+        return cls(backbone, grid, times, cfg, rewards, divergences, batch, decode_chunk, seed, generator)
+
     def __call__(self, metas: Sequence[dict], part: int, parts: int) -> dict[str, Tensor]:
         """Per test image of this ``part`` of ``parts`` of ``metas``: every reward of the walk's last
         state and every divergence. Fixed noise comes per image, so the values do not depend on the

@@ -497,13 +497,12 @@ class ZOBranchArm:
         """The plain SDE sampler over eval_steps with the children's kernel (spec §5)."""
         config, flow = self.config, self.backbone.flow
         grid = flow.sde_grid(config.eval_steps, config.noise_level, config.sde_uw_sigma)
-        evaluation = walks.WalkEvaluation(
+        evaluation = walks.WalkEvaluation.sde(
             self.backbone,
             grid,
-            self.backbone.grid_times(config.eval_steps),
             config.cfg,
             {"reward": self.reward, **self.eval_extra},
-            walks.kl_divergences(grid, self.objective.kl),
+            self.objective.kl,
             config.eval_batch,
             config.decode_chunk,
             config.eval_seed if config.eval_fixed_noise else None,

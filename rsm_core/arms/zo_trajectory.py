@@ -130,7 +130,6 @@ class ZOTrajectoryArm:
         self.grid = backbone.flow.sde_grid(config.sampler_steps, uw_sigma=config.uw_sigma)
         self.times = backbone.grid_times(config.sampler_steps)
         self.eval_grid = backbone.flow.sde_grid(config.eval_steps, uw_sigma=config.uw_sigma)
-        self.eval_times = backbone.grid_times(config.eval_steps)
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("policy", self.backbone.adapter_parameters(POLICY))]
@@ -240,13 +239,12 @@ class ZOTrajectoryArm:
         """Per test image of this ``part`` of ``parts``: the reward of the plain SDE sampler's image
         (fixed noise per image), every extra reward, and along its walk the exact KL of the kernels and
         the method's KL proxy (spec §5)."""
-        evaluation = walks.WalkEvaluation(
+        evaluation = walks.WalkEvaluation.sde(
             self.backbone,
             self.eval_grid,
-            self.eval_times,
             self.config.cfg,
             {"reward": self.reward, **self.eval_extra},
-            walks.kl_divergences(self.eval_grid, self.objective.kl),
+            self.objective.kl,
             self.config.eval_batch,
             self.config.decode_chunk,
             self.config.eval_seed,
