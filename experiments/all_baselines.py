@@ -52,7 +52,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,7 +138,10 @@ class AllBaselinesConfig:
 
 
 def load(scale: str, overrides: list[str] = ()) -> DictConfig:
-    return load_config(AllBaselinesConfig, CONFIGS / f"{scale}.yaml", overrides=overrides)
+    """The sweep file of ``scale`` with ``overrides``, checked (types, and each section's own checks)."""
+    cfg = load_config(AllBaselinesConfig, CONFIGS / f"{scale}.yaml", overrides=overrides)
+    OmegaConf.to_object(cfg)
+    return cfg
 
 
 def check_methods(cfg: DictConfig, chosen: list[str] | None) -> list[str]:
@@ -400,30 +403,33 @@ def describe(
 
 def run_local(jobs: list[Job], grace_s: float, say: Callable[[str], None]) -> list[cluster.JobResult]:
     """The jobs one after another here; Ctrl-C (or SIGTERM) stops the current run at its epoch's end."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    results = []
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return list(_run_each(jobs, grace_s, say))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_each(jobs: list[Job], grace_s: float, say: Callable[[str], None]) -> Iterator[cluster.JobResult]:
     for number, job in enumerate(jobs, 1):
-        spec = job.spec
+        spec, count = job.spec, f"[{number}/{len(jobs)}]"
         settled = already_settled(spec)
         if settled is not None:
-            say(f"[{number}/{len(jobs)}] {settled.line()}")
-            results.append(settled)
+            say(f"{count} {settled.line()}")
+            yield settled
             continue
-        say(f"[{number}/{len(jobs)}] {spec.run}: starting (log {spec.log})")
+        say(f"{count} {spec.run}: starting (log {spec.log})")
         try:
             result = cluster.RunJob(spec, grace_s, say)()
         except cluster.RunFailed as failed:
             result = failed.result
         except KeyboardInterrupt:
             say(f"interrupted: {spec.run} stopped; rerun the same command to resume it")
-            results.append(cluster.JobResult(spec.run, "preempted", "interrupted"))
-            break
-        say(
-            f"[{number}/{len(jobs)}] {result.line()}"
-            + (f" in {result.seconds / 60:.1f} min" if result.seconds else "")
-        )
-        results.append(result)
-    return results
+            yield cluster.JobResult(spec.run, "preempted", "interrupted")
+            return
+        took = f" in {result.seconds / 60:.1f} min" if result.seconds else ""
+        say(f"{count} {result.line()}{took}")
+        yield result
 
 
 def already_settled(spec: cluster.JobSpec) -> cluster.JobResult | None:
@@ -549,15 +555,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load(args.scale, args.set)
     methods = check_methods(cfg, [m for m in args.methods.split(",") if m])
     settings = cluster.with_environment(OmegaConf.to_object(cfg).cluster)
+    too_big = [name for name in methods if cfg.methods[name].gpus > settings.gpus_per_node]
+    if args.cluster == "slurm" and too_big:
+        raise ConfigError(
+            f"{', '.join(too_big)} need more GPUs than a node has (cluster.gpus_per_node="
+            f"{settings.gpus_per_node}, or RSM_SLURM_GPUS_PER_NODE)"
+        )
     sweep_dir = (args.runs_dir / (args.name or f"all_baselines-{args.scale}")).absolute()
     jobs = plan(cfg, args.scale, methods, sweep_dir, dict(os.environ), args.allow_cpu)
-    if args.cluster == "slurm":
-        too_big = [job.spec.run for job in jobs if job.spec.gpus > settings.gpus_per_node]
-        if too_big:
-            raise ConfigError(
-                f"{len(too_big)} jobs need more GPUs than a node has (cluster.gpus_per_node="
-                f"{settings.gpus_per_node}, RSM_SLURM_GPUS_PER_NODE): {', '.join(too_big)}"
-            )
     say = lambda line: print(line, flush=True)  # noqa: E731
     if args.dry_run:
         describe(jobs, cfg, settings, args.cluster, say)

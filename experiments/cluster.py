@@ -43,7 +43,7 @@ from typing import Literal
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from experiments import run_locks
-from rsm_core.config import ConfigError
+from rsm_core.config import ConfigError, require
 
 PREEMPTED_EXIT = 75  # experiments.run.PREEMPTED_EXIT (not imported: this module stays light)
 PREEMPT_SIGNAL = "USR1"  # what experiments.run stops on (besides SIGTERM); submitit's default is USR2
@@ -69,13 +69,14 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         for name in ("timeout_min", "signal_delay_min", "array_parallelism"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"bad value for config key 'cluster.{name}': must be at least 1")
-        if self.signal_delay_min >= self.timeout_min:
-            raise ConfigError(
-                f"bad value for config key 'cluster.signal_delay_min': {self.signal_delay_min} min is not "
-                f"shorter than the time limit cluster.timeout_min={self.timeout_min}"
-            )
+            require(getattr(self, name) >= 1, f"cluster.{name}", "must be at least 1")
+        for name in ("gpus_per_node", "cpus_per_task", "mem_gb", "max_requeues"):
+            require(getattr(self, name) >= 0, f"cluster.{name}", "must not be negative")
+        require(
+            self.signal_delay_min < self.timeout_min,
+            "cluster.signal_delay_min",
+            f"{self.signal_delay_min} min is not shorter than the time limit ({self.timeout_min} min)",
+        )
 
 
 def with_environment(config: ClusterConfig, environ: dict[str, str] | None = None) -> ClusterConfig:
