@@ -330,13 +330,22 @@ def prepare(jobs: list[Job]) -> None:
 
 def gpu_hours(
     spec: cluster.JobSpec, budget: DictConfig, settings: cluster.ClusterConfig, where: str
-) -> tuple[float | None, str]:
-    """A job's GPU-hours estimate and how it was computed (None: not estimable)."""
+) -> float | None:
+    """A job's GPU-hours (see ``estimate``), or None where there is no estimate."""
     if budget.kind == "gpu_hours":
-        return budget.value * (1 + budget.eval_share), "budget x (1 + eval_share)"
+        return budget.value * (1 + budget.eval_share)
     if where == "slurm" and spec.gpus:
-        return settings.timeout_min / 60 * spec.gpus, "upper bound per job attempt: Slurm time limit x GPUs"
-    return None, "not estimable: a CPU job, or the budget is in epochs / NFE and there is no time limit"
+        return settings.timeout_min / 60 * spec.gpus
+    return None
+
+
+def estimate(budget: DictConfig, where: str) -> str:
+    """How ``gpu_hours`` estimates a job's GPU-hours."""
+    if budget.kind == "gpu_hours":
+        return "budget x (1 + eval_share)"
+    if where == "slurm":
+        return "an upper bound per job attempt: the Slurm time limit x GPUs"
+    return "none: the budget is in epochs or NFE, and a local job has no time limit"
 
 
 def arrays(jobs: list[Job]) -> dict[int, list[Job]]:
@@ -362,7 +371,6 @@ def describe(
         f"{sweep_dir.name} on {where}: {methods} methods, {len(jobs)} jobs, "
         f"budget {budget.value:g} {unit} per run"
     )
-    _, how = gpu_hours(jobs[0].spec, budget, settings, where)
     if budget.kind == "gpu_hours":
         say(
             f"GPU-hours per run = budget x (1 + eval_share) = {budget.value:g} x (1 + "
@@ -378,13 +386,14 @@ def describe(
         say(f"  {'run':<44} {'method':<36} {'GPUs':>4} {'GPU-hours':>10}")
         subtotal = 0.0
         for job in members:
-            hours, how = gpu_hours(job.spec, budget, settings, where)
+            hours = gpu_hours(job.spec, budget, settings, where)
             subtotal += hours or 0.0
             shown = f"{hours:10.1f}" if hours is not None else f"{'-':>10}"
             say(f"  {job.spec.run:<44} {job.spec.method:<36} {job.spec.gpus or 'cpu':>4} {shown}")
         say(f"  {group} total: {subtotal:.1f} GPU-hours")
         total += subtotal
-    say(f"\ntotal: {len(jobs)} jobs, {sum(j.spec.gpus for j in jobs)} GPUs, {total:.1f} GPU-hours ({how})")
+    say(f"\ntotal: {len(jobs)} jobs, {sum(j.spec.gpus for j in jobs)} GPUs, {total:.1f} GPU-hours")
+    say(f"GPU-hours estimate: {estimate(budget, where)}")
     say("\ncommands (each under the lock <sweep>/locks/<run>.lock, output in <sweep>/logs/<run>.log):")
     for job in jobs:
         say(f"  {' '.join(job.spec.command)}")

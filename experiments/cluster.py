@@ -180,10 +180,6 @@ def failure_detail(spec: JobSpec, code: int) -> str:
     return f"{how}; {error}; log {spec.log}"
 
 
-def in_slurm() -> bool:
-    return "SLURM_JOB_ID" in os.environ
-
-
 def _ignore_preempt_signal() -> None:
     """In the job's child before it starts: the launchers between the job and a run's workers ignore
     SIGUSR1 (Python's default would end them); the run's own processes install their handler."""
@@ -263,7 +259,7 @@ class RunJob(Checkpointable):
                 return JobResult(spec.run, "complete", seconds=seconds)
             if code != PREEMPTED_EXIT:
                 raise RunFailed(JobResult(spec.run, "failed", failure_detail(spec, code), seconds))
-            if not self._requeued and in_slurm():
+            if not self._requeued and run_locks.in_slurm_job():
                 self._requeue_self(job_id)
             how = "requeued; it resumes" if self._requeued else "rerun the sweep to resume it"
             return JobResult(spec.run, "preempted", f"checkpointed and stopped (exit 75); {how}", seconds)
@@ -290,9 +286,12 @@ class RunJob(Checkpointable):
                     self._child.signal(signal.SIGKILL)
                 raise
 
-    def checkpoint(self) -> DelayedSubmission:
+    def checkpoint(self) -> DelayedSubmission | None:
         """submitit's preemption hook (Slurm's SIGUSR1 before the time limit): stop the run at its
-        epoch's end, then hand submitit the same job to requeue."""
+        epoch's end, then hand submitit the same job to requeue (None: the run has failed, there is
+        nothing to resume)."""
+        if self._child is not None and self._child.code not in (None, 0, PREEMPTED_EXIT):
+            return None
         self._requeued = True
         if self._child is not None:
             code = self._child.stop(self.grace_s, self.say)

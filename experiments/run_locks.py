@@ -6,7 +6,7 @@ run and releases it when the run ends; a job that finds the lock held by another
 run ("running under job <id>"). The lock file holds {"job_id", "host", "pid", "started"}:
 
 - job id: ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`` in a Slurm array task, ``SLURM_JOB_ID`` in
-  a plain Slurm job, else ``local-<pid>`` of the sweep process;
+  a plain Slurm job, else (a local sweep, even one inside an allocation) ``local-<pid>`` of the sweep;
 - a lock is stale, and taken over with a message, when its holder is a local job on this host whose
   process is gone, or a Slurm job that squeue no longer lists (ended, cancelled). A local job of
   another host, or a Slurm job when squeue cannot be asked, counts as live: skipping is the safe side;
@@ -32,12 +32,18 @@ from pathlib import Path
 LOCAL_PREFIX = "local-"
 
 
+def in_slurm_job() -> bool:
+    """Whether this process is a sweep's Slurm job (submitit's script exports SUBMITIT_EXECUTOR); a
+    local sweep started inside an allocation (salloc) is not."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
 def current_job_id() -> str:
     """This process's job id: the Slurm array task, the Slurm job, or ``local-<pid>``."""
+    if not in_slurm_job():
+        return f"{LOCAL_PREFIX}{os.getpid()}"
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID") or f"{LOCAL_PREFIX}{os.getpid()}"
+    return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
 
 
 @dataclass(frozen=True)

@@ -204,10 +204,12 @@ def test_a_stale_lock_is_taken_over_with_a_message_and_a_live_one_never(tmp_path
 
 
 def test_the_job_id_is_the_array_task_the_slurm_job_or_the_local_process(monkeypatch) -> None:
-    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(name, raising=False)
     assert run_locks.current_job_id() == f"local-{os.getpid()}"
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert run_locks.current_job_id() == f"local-{os.getpid()}"  # a local sweep inside an allocation
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a job the sweep submitted
     assert run_locks.current_job_id() == "77"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
@@ -245,7 +247,7 @@ def test_a_slurm_dry_run_prints_gpu_hours_per_figure_and_each_array_script(tmp_p
     assert "budget 48 GPU-hours of training per run" in out and "48 x (1 + 0.15)" in out
     for group in ("fig3", "fig5", "first-order diffusion (fig5 settings)"):
         assert f"\n{group}\n" in out and f"  {group} total: 165.6 GPU-hours" in out
-    assert "total: 9 jobs, 30 GPUs, 496.8 GPU-hours (budget x (1 + eval_share))" in out
+    assert "total: 9 jobs, 30 GPUs, 496.8 GPU-hours\nGPU-hours estimate: budget x (1 + eval_share)" in out
     assert "-m experiments.launch --processes 4 experiments.run --config" in out
     assert "-m experiments.launch --processes 2 experiments.run --config" in out
     for array, jobs, gpus in (("all_baselines-paper-4gpu", 6, 4), ("all_baselines-paper-2gpu", 3, 2)):
@@ -264,7 +266,7 @@ def test_an_epoch_budget_prints_the_time_limit_as_an_upper_bound(tmp_path, capsy
         [*argv, "--set", "budget.kind=epochs", "--set", "budget.value=10", "--methods", "vgg-flow"]
     )
     out = capsys.readouterr().out
-    assert "upper bound per job attempt: Slurm time limit x GPUs" in out
+    assert "GPU-hours estimate: an upper bound per job attempt: the Slurm time limit x GPUs" in out
     assert "fig5 total: 288.0 GPU-hours" in out  # 3 seeds x 24 h x 4 GPUs
 
 

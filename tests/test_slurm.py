@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, child_env
 
-from experiments import cluster
+from experiments import cluster, sweep_status
+from experiments.smoke_reference import UNTIMED
+from rsm_core.records import read_metrics
 
 FAKE = REPO_ROOT / "tests" / "fake_slurm"
 STAND_IN = FAKE / "stand_in_run.py"
@@ -28,7 +30,7 @@ def fake_slurm(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
     monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # the jobs import this checkout
-    for name in [key for key in os.environ if key.startswith("SLURM_") or key.startswith("RSM_SLURM_")]:
+    for name in [key for key in os.environ if key.startswith(("SLURM_", "RSM_SLURM_", "SUBMITIT_"))]:
         monkeypatch.delenv(name)
     yield state
     subprocess.run(["scancel", *[path.stem for path in (state / "jobs").glob("*.json")]], check=False)
@@ -120,3 +122,45 @@ def test_a_job_finding_its_run_locked_by_a_queued_slurm_job_skips_it(fake_slurm,
     subprocess.run(["scancel", "--signal", "USR1", first.job_id], check=True)
     wait_for(first.done, what="the first job")
     assert len(starts(sweep / "r")) == 2  # the first job's start and its resume, never the second job's
+
+
+@pytest.mark.slow
+def test_a_sweep_run_preempted_on_slurm_resumes_to_the_metrics_of_an_uninterrupted_run(fake_slurm, tmp_path):
+    """`make all-baselines CLUSTER=slurm` on the fake Slurm: SIGUSR1 mid-run (as Slurm sends before
+    the time limit) stops the run at its epoch's end, submitit requeues the job, the requeued job
+    resumes the run, and its metrics equal a local uninterrupted run's but for the timings."""
+    method = "vgg-flow-linear-a"
+    common = [sys.executable, "-m", "experiments.all_baselines", "--scale", "smoke", "--methods", method]
+    common += ["--set", "budget.value=4", "--table", str(tmp_path / "table.md")]
+    local = subprocess.run(
+        [*common, "--runs-dir", str(tmp_path / "local")], cwd=REPO_ROOT, env=child_env(), capture_output=True
+    )
+    assert local.returncode == 0, local.stdout + local.stderr
+    sweep = subprocess.Popen(
+        [*common, "--runs-dir", str(tmp_path / "slurm"), "--cluster", "slurm", "--poll-seconds", "1"],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    sweep_dir, run = tmp_path / "slurm" / "all_baselines-smoke", f"{method}-seed0"
+    logged = lambda: [row["epoch"] for row in sweep_status.metrics(sweep_dir / run)]  # noqa: E731
+    wait_for(lambda: 1 in logged(), timeout=300, what="the run's first epoch")
+    job_id = json.loads((sweep_dir / "jobs" / f"{run}.submitted.json").read_text())["job_id"]
+    subprocess.run(["scancel", "--signal", "USR1", job_id], check=True)
+    out, _ = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, out
+    assert f"{run}: complete" in out
+    assert [call["args"] for call in calls(fake_slurm, "scontrol")] == [["requeue", job_id]]
+    assert (sweep_dir / "logs" / f"{run}.log").read_text().count(f"job {job_id} starts") == 2
+
+    def untimed(path: Path) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.startswith(UNTIMED)} for row in read_metrics(path)]
+
+    resumed, uninterrupted = (
+        untimed(sweep_dir / run),
+        untimed(tmp_path / "local" / "all_baselines-smoke" / run),
+    )
+    assert [row["epoch"] for row in resumed] == [0, 1, 2, 3, 4]
+    assert resumed == uninterrupted
