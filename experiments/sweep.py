@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from experiments.run import RunConfig, resolve, run, run_inputs
+from experiments.run import RunConfig, resolve, run, run_identity, run_inputs, sections
 from rsm_core.config import ConfigError, apply_override, load_config, require
 from rsm_core.records import RunExistsError, RunRecord, read_metrics
 
@@ -321,7 +321,15 @@ def main(
                     )
                 print(f"{path} is complete; reusing it (use --name for a fresh sweep)")
                 continue
-            run(config, sweep, name, allow_cpu=args.allow_cpu)
+            identity = run_identity(
+                sections(config),
+                name=f"{sweep.name}/{name}",
+                group=sweep.name,
+                job_type=arm,
+                scale=args.scale,
+                seed=seed,
+            )
+            run(config, sweep, name, allow_cpu=args.allow_cpu, identity=identity)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch the main process draws the figure
     stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
