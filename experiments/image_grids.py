@@ -3,8 +3,9 @@
 Every run saves ``eval_grid_start.png`` (before training: the policy equals the reference, LoRA B = 0)
 and ``eval_grid_end.png`` (after its last epoch) from the same prompts and the same noise, so any
 difference is the fine-tuning's. A figure's ``<figure>_images.png`` puts each arm's pair side by side,
-to judge by eye whether a reward gain looks like reward hacking. Images are drawn with PIL, upscaled
-with nearest-neighbour to a legible size (the tiny world's images are 32 px).
+to judge by eye whether a reward gain looks like reward hacking. Images are drawn with PIL at a size
+made to be looked at: the tiny world's 32 px images upscaled (nearest-neighbour), paper-scale ones
+downsampled, so a grid stays small.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rsm_core.records import atomic_write_bytes
 
 START, END = "eval_grid_start.png", "eval_grid_end.png"
 MIN_TILE = 96  # pixels: smaller images are upscaled by a whole factor to at least this side
+MAX_TILE = 256  # pixels: larger ones (paper scale: 512 or 1024) are downsampled to this side
 PAD = 4
 GAP = 16  # between the start and the end column of a figure grid
 FONT_SIZE = 11
@@ -49,13 +51,24 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=FONT_SIZE)
 
 
-def _to_pil(image: Tensor, factor: int) -> Image.Image:
-    """One (C, H, W) image in [0, 1] as an RGB PIL image, upscaled ``factor`` times."""
+def _to_pil(image: Tensor, size: tuple[int, int]) -> Image.Image:
+    """One (C, H, W) image in [0, 1] as an RGB PIL image of ``size`` (width, height)."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"expected images of shape (N, 1 or 3, H, W); got one of shape {tuple(image.shape)}")
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1)
     picture = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
-    return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    if picture.size == size:
+        return picture
+    smaller = size[0] < picture.width
+    return picture.resize(size, Image.Resampling.BOX if smaller else Image.Resampling.NEAREST)
+
+
+def tile_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) of a tile: upscaled by a whole factor to at least MIN_TILE (pixels stay crisp),
+    or downsampled to at most MAX_TILE, keeping the aspect ratio."""
+    side = max(height, width)
+    scale = math.ceil(MIN_TILE / side) if side < MIN_TILE else min(1.0, MAX_TILE / side)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _wrap(text: str, width_px: int, font) -> list[str]:
@@ -87,8 +100,8 @@ def save_grid(
     if captions is not None and len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images: give one caption per image")
     columns = min(columns or len(images), len(images))
-    factor = max(1, math.ceil(MIN_TILE / max(images.shape[-2:])))
-    tiles = [_to_pil(image, factor) for image in images]
+    size = tile_size(*images.shape[-2:])
+    tiles = [_to_pil(image, size) for image in images]
     font = _font()
     width, height = tiles[0].size
     lines = [_wrap(caption, width, font) for caption in captions] if captions is not None else []

@@ -76,7 +76,6 @@ class Final:
     nfe: float
     gpu_hours: float
     gpu_hours_logged: bool  # False: wallclock_h stands in
-    epoch: int
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,6 @@ def _final(rows: list[dict[str, Any]], run_dir: Path) -> Final:
         nfe=row["nfe"],
         gpu_hours=row["gpu_hours"] if logged else row["wallclock_h"],
         gpu_hours_logged=logged,
-        epoch=row["epoch"],
     )
 
 

@@ -66,6 +66,8 @@ def test_save_grid_is_an_atomic_repeatable_png_of_upscaled_images(tmp_path: Path
     save_grid(images, path, captions=["one", "two", "a much longer third caption"])
     assert path.read_bytes() == first  # no time stamp: the same images give the same file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # no temp file left
+    big = save_grid(torch.zeros(1, 3, 512, 384), tmp_path / "big.png")  # paper scale: downsampled
+    assert Image.open(big).size == (192 + 2 * PAD, 256 + 2 * PAD)
     with pytest.raises(ValueError, match="2 captions for 3 images"):
         save_grid(images, tmp_path / "bad.png", captions=["one", "two"])
 
