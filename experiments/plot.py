@@ -149,6 +149,11 @@ def figures_of(sweep_name: str, figure: str | None = None) -> tuple[list[Figure]
     return chosen, scale
 
 
+def arms_of(figures: list[Figure]) -> list[str]:
+    """Every arm of the figures, once (Figures 5 and 6 share their redesign arms)."""
+    return list(dict.fromkeys(arm for figure in figures for arm in figure.arms))
+
+
 def _state(run_dir: Path) -> str:
     status = run_dir / "status.json"
     return json.loads(status.read_text()).get("state", "?") if status.exists() else "no status.json"
@@ -157,7 +162,7 @@ def _state(run_dir: Path) -> str:
 def directory_runs(sweep: Path, arms: Iterable[str]) -> tuple[Runs, list[str]]:
     """The metrics rows of each complete run of ``arms`` in a sweep directory (runs named
     sweep.run_name(arm, seed)), and a note for each run of theirs left out (unfinished or failed)."""
-    from experiments.sweep import run_name
+    from experiments.sweep import run_name  # on use: experiments.sweep imports this module
 
     if not sweep.is_dir():
         raise FileNotFoundError(f"no sweep directory {sweep}; give the directory a figure's runs are in")
@@ -303,15 +308,14 @@ def main(argv: list[str] | None = None, api: WandbApi | None = None) -> None:
         paths = plot_fig_toy(toy_frame(args.run_dir), args.out, title=args.run_dir.name)
     elif args.source == "runs" and args.sweep is not None:
         figures, scale = figures_of(args.sweep.name, args.figure)
-        runs, left_out = directory_runs(args.sweep, [arm for f in figures for arm in f.arms])
+        runs, left_out = directory_runs(args.sweep, arms_of(figures))
         for note in left_out:
             print(f"left out, not complete: {note}")
         paths = draw_figures(figures, runs, args.figures_dir, scale, args.sweep)
     elif args.source == "wandb" and args.group:
         figures, scale = figures_of(args.group, args.figure)
         path = wandb_path(args.entity, args.project)
-        arms = [arm for f in figures for arm in f.arms]
-        runs, left_out = wandb_runs(api or wandb_api(), path, args.group, arms)
+        runs, left_out = wandb_runs(api or wandb_api(), path, args.group, arms_of(figures))
         for note in left_out:
             print(f"left out, not finished: {note}")
         paths = draw_figures(figures, runs, args.figures_dir, scale)

@@ -178,3 +178,9 @@ def test_wandb_source_errors_name_the_fix(tmp_path: Path, monkeypatch) -> None:
     assert runs == {} and "no single seed:<n> tag" in left_out[0]
     with pytest.raises(FileNotFoundError, match="no sweep directory"):
         plot.main(["--source", "runs", "--sweep", str(tmp_path / "fig3-smoke"), *out])
+
+
+def test_the_toy_figure_still_redraws_from_its_run(smoke_figures: Path, tmp_path: Path) -> None:
+    plot.main(["fig-toy", str(smoke_figures / "runs" / "fig_toy-smoke"), "--out", str(tmp_path / "toy")])
+    drawn = (smoke_figures / "figures" / "smoke" / "fig_toy.csv").read_text()
+    assert (tmp_path / "toy.csv").read_text() == drawn
