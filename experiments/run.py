@@ -42,9 +42,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from baselines import registry
 from baselines.method import Family, Method, Signal
+from experiments import image_grids
 from experiments.cli import run as run_cli
 from experiments.paper_data import data_file
-from rsm_core import arms
+from rsm_core import arms, checkpoints
 from rsm_core.arms import ArmKind
 from rsm_core.backbones.base import POLICY
 from rsm_core.backbones.lora_export import export_lora
@@ -137,9 +138,13 @@ class RunConfig:
     # it refuses to start. 80: the paper's GPUs; the 1gpu configs set 24.
     gpu_memory_gb: float = 80.0
     wandb: bool = True
+    # test prompts of the image grids saved before training and after it (eval_grid_start.png,
+    # eval_grid_end.png: fixed prompts and noise, to judge reward hacking by eye); 0: none
+    grid_images: int = 4
 
     def __post_init__(self) -> None:
         require(self.shards >= 1, "shards", "must be at least 1")
+        require(self.grid_images >= 0, "grid_images", "must not be negative (0 = no image grids)")
         require(self.threads >= 0, "threads", "must not be negative (0 = torch's default)")
         require(self.gpu_memory_gb > 0, "gpu_memory_gb", "must be positive (GiB of one GPU)")
 
@@ -594,11 +599,29 @@ def _train(
         for s in range(settings.shards)
     ]
     trainer = Trainer(shards, settings.loop, accelerator, loss_scaling=settings.model.precision == "fp16")
+    grids = record is not None and settings.grid_images > 0
+    fresh = checkpoints.read_manifest(run_dir) is None
+    if grids and fresh:  # before any update the policy is the reference (LoRA B = 0)
+        save_evaluation_grid(resolved, parts, record, image_grids.START, epoch=0)
     finished = trainer.run(run_dir, record, progress=progress, should_stop=should_stop)
     if finished and record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
         with trainer.evaluated_weights():
             export_lora(parts.backbone.model, POLICY, run_dir / "lora")
+            if grids:
+                save_evaluation_grid(resolved, parts, record, image_grids.END, epoch=trainer.epoch)
     return trainer.epoch, finished
+
+
+def save_evaluation_grid(resolved: Sections, parts: Parts, record: RunRecord, name: str, epoch: int) -> None:
+    """The run's first ``grid_images`` test prompts sampled with the arm's evaluation steps, guidance
+    and seed (the same noise at the start and the end), saved in the run directory and to wandb."""
+    arm = resolved.arm
+    prompts = [meta["prompt"] for meta in parts.test[: resolved.run.grid_images]]
+    steps = getattr(arm, "eval_steps", None) or arm.sampler_steps  # first-order arms evaluate on their grid
+    seed = getattr(arm, "eval_seed", 0)
+    images = image_grids.evaluation_images(parts.backbone, prompts, steps, arm.cfg, seed)
+    image_grids.save_grid(images, record.path / name, captions=prompts)
+    record.log_image(Path(name).stem, record.path / name, epoch)
 
 
 def release_memory() -> None:
