@@ -46,14 +46,13 @@ Slurm time limit x the job's GPUs is printed, labelled as an upper bound per job
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -65,6 +64,7 @@ from baselines.method import Method
 from experiments import cluster, fig3, fig5, fig6, fig_zo_diffusion, fig_zo_flow, run_locks, sweep
 from experiments.cli import run as run_cli
 from experiments.run import RunConfig, run_inputs, scale_files, trainable_method
+from experiments.summary import write_summary
 from rsm_core.config import ConfigError, load_config, require
 from rsm_core.records import RunExistsError, RunRecord, atomic_write_text
 
@@ -248,16 +248,17 @@ def job_environment(cfg: DictConfig, environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def command(
-    config_file: Path, run: str, sweep_dir: Path, method: str, scale: str, processes: int, allow_cpu: bool
-) -> tuple[str, ...]:
+def command(spec: cluster.JobSpec, scale: str, allow_cpu: bool) -> tuple[str, ...]:
     """The job's command line: experiments.run on its config, through experiments.launch for several
-    processes (the repository's accelerate config, a free port)."""
-    arguments = ["--config", str(config_file), "--name", run, "--runs-dir", str(sweep_dir)]
-    arguments += ["--group", sweep_dir.name, "--job-type", method, "--scale", scale]
+    processes (the repository's accelerate config, a free port); wandb groups it by sweep and arm and
+    tags it with its seed's index."""
+    arguments = ["--config", str(spec.config_file), "--name", spec.run, "--runs-dir", str(spec.sweep_dir)]
+    arguments += ["--group", spec.sweep_dir.name, "--job-type", spec.method, "--scale", scale]
+    arguments += ["--seed-label", str(spec.seed)]
     arguments += ["--allow-cpu"] if allow_cpu else []
-    if processes > 1:
-        head = [sys.executable, "-m", "experiments.launch", "--processes", str(processes), "experiments.run"]
+    if spec.processes > 1:
+        launch = ["-m", "experiments.launch", "--processes", str(spec.processes), "experiments.run"]
+        head = [sys.executable, *launch]
     else:
         head = [sys.executable, "-m", "experiments.run"]
     return (*head, *arguments)
@@ -294,11 +295,9 @@ def plan(
                 sweep_dir=sweep_dir,
                 cwd=REPO,
                 env=env,
-                command=command(
-                    sweep_dir / "jobs" / f"{run}.yaml", run, sweep_dir, name, scale, processes, allow_cpu
-                ),
+                command=(),
             )
-            jobs.append(Job(spec, config))
+            jobs.append(Job(replace(spec, command=command(spec, scale, allow_cpu)), config))
     return jobs
 
 
@@ -501,15 +500,6 @@ def run_slurm(
     return results
 
 
-def write_table(sweep_dir: Path, out: Path) -> Path | None:
-    """The sweep's results table (experiments.summary), where that module is installed."""
-    if importlib.util.find_spec("experiments.summary") is None:
-        return None
-    from experiments.summary import write_summary
-
-    return write_summary(sweep_dir, out=out)
-
-
 def report(
     results: list[cluster.JobResult],
     sweep_dir: Path,
@@ -523,7 +513,9 @@ def report(
     for result in results:
         counts[result.outcome] = counts.get(result.outcome, 0) + 1
     tally = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
-    where = f"runs in {sweep_dir}, logs in {sweep_dir / 'logs'}" + (f", table {table}" if table else "")
+    where = f"runs in {sweep_dir}, logs in {sweep_dir / 'logs'}, " + (
+        f"table {table}" if table else "no table (no run has started)"
+    )
     say(f"{sweep_dir.name} done in {minutes:.1f} min: {tally}; {where}")
     failed = [r for r in results if r.outcome == "failed"]
     for result in failed:
@@ -582,7 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run_local(jobs, cluster.grace_seconds(settings), say)
     else:
         results = run_slurm(jobs, settings, not args.no_wait, args.poll_seconds, say)
-    table = write_table(sweep_dir, args.table)
+    started_runs = any((job.spec.run_dir / "status.json").exists() for job in jobs)
+    table = write_summary(sweep_dir, out=args.table) if started_runs else None
     report(results, sweep_dir, table, (time.perf_counter() - started) / 60, say)
 
 

@@ -45,7 +45,10 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from experiments import run_locks
 from rsm_core.config import ConfigError, require
 
-PREEMPTED_EXIT = 75  # experiments.run.PREEMPTED_EXIT (not imported: this module stays light)
+# experiments.run's (not imported: this module stays light): its exit code after a requested stop, and
+# the file in the run directory that requests one
+PREEMPTED_EXIT = 75
+STOP_FILE = "stop.request"
 PREEMPT_SIGNAL = "USR1"  # what experiments.run stops on (besides SIGTERM); submitit's default is USR2
 ENV_PREFIX = "RSM_SLURM_"
 
@@ -216,9 +219,12 @@ class _Child:
         with contextlib.suppress(ProcessLookupError):  # the whole group has ended
             os.killpg(self.process.pid, number)
 
-    def stop(self, grace_s: float, say: Callable[[str], None]) -> int:
-        """Ask the run to stop at its epoch's end (it checkpoints and exits 75); after ``grace_s``
+    def stop(self, stop_file: Path, grace_s: float, say: Callable[[str], None]) -> int:
+        """Ask the run to stop at its epoch's end (it checkpoints and exits 75): SIGUSR1 to every
+        process, and the run's stop file for any process that had no handler yet; after ``grace_s``
         seconds terminate it (it resumes from its last checkpoint)."""
+        if self.code is None and stop_file.parent.is_dir():
+            stop_file.touch()
         self.signal(signal.SIGUSR1)
         if self.wait(grace_s) is None:
             say(f"the run did not stop within {grace_s:.0f} s; terminating it")
@@ -281,7 +287,7 @@ class RunJob(Checkpointable):
             except KeyboardInterrupt:  # a local sweep's Ctrl-C or SIGTERM: stop the run cleanly, then stop
                 self.say(f"{spec.run}: stopping at the end of its epoch (Ctrl-C again to kill it)")
                 try:
-                    self._child.stop(self.grace_s, self.say)
+                    self._child.stop(self.spec.run_dir / STOP_FILE, self.grace_s, self.say)
                 except KeyboardInterrupt:
                     self._child.signal(signal.SIGKILL)
                 raise
@@ -294,7 +300,7 @@ class RunJob(Checkpointable):
             return None
         self._requeued = True
         if self._child is not None:
-            code = self._child.stop(self.grace_s, self.say)
+            code = self._child.stop(self.spec.run_dir / STOP_FILE, self.grace_s, self.say)
             self.say(f"{self.spec.run}: stopped with exit {code}; requeueing")
         return DelayedSubmission(RunJob(self.spec, self.grace_s))
 

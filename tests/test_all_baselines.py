@@ -145,6 +145,12 @@ def test_every_environment_variable_is_documented() -> None:
     assert all(name in doc for name in cluster.environment_names())
 
 
+def test_the_job_wrapper_speaks_experiments_run_s_stop_protocol() -> None:
+    from experiments import run
+
+    assert (cluster.PREEMPTED_EXIT, cluster.STOP_FILE) == (run.PREEMPTED_EXIT, run.STOP_FILE)
+
+
 def test_the_jobs_get_wandb_entity_and_project_from_the_environment_else_the_file() -> None:
     cfg = all_baselines.load("smoke", ["wandb.entity=lab", "wandb.project=from-file"])
     assert all_baselines.job_environment(cfg, {}) == {"WANDB_ENTITY": "lab", "WANDB_PROJECT": "from-file"}
@@ -231,7 +237,7 @@ def test_a_local_dry_run_prints_every_job_and_command_and_starts_nothing(tmp_pat
         assert f"\n{group}\n" in out
     command = (
         f"-m experiments.run --config {sweep_dir}/jobs/sqdf-seed0.yaml --name sqdf-seed0 "
-        f"--runs-dir {sweep_dir} --group all_baselines-smoke --job-type sqdf --scale smoke"
+        f"--runs-dir {sweep_dir} --group all_baselines-smoke --job-type sqdf --scale smoke --seed-label 0"
     )
     assert command in out and "#SBATCH" not in out
     assert not sweep_dir.exists()
@@ -409,9 +415,7 @@ def test_two_sweeps_at_once_train_each_run_once_and_a_rerun_skips_them(two_sweep
     )
 
 
-def test_a_run_another_live_job_holds_is_skipped_and_named(
-    two_sweeps_at_once, tmp_path: Path, capsys
-) -> None:
+def test_a_run_another_live_job_holds_is_skipped_and_named(tmp_path: Path, capsys) -> None:
     sweep_dir = tmp_path / "all_baselines-smoke"
     plant(sweep_dir / "locks" / "vgg-flow-linear-a-seed0.lock", f"local-{os.getpid()}", os.getpid())
     all_baselines.main(["--scale", "smoke", "--runs-dir", str(tmp_path), "--methods", "vgg-flow-linear-a"])
