@@ -263,12 +263,13 @@ class RunJob(Checkpointable):
             seconds = time.monotonic() - started
             if code == 0:
                 return JobResult(spec.run, "complete", seconds=seconds)
-            if code != PREEMPTED_EXIT:
+            # several processes: the launcher exits 1 when its workers exit 75; status.json tells
+            if code != PREEMPTED_EXIT and run_state(spec.run_dir).get("state") != "preempted":
                 raise RunFailed(JobResult(spec.run, "failed", failure_detail(spec, code), seconds))
             if not self._requeued and run_locks.in_slurm_job():
                 self._requeue_self(job_id)
             how = "requeued; it resumes" if self._requeued else "rerun the sweep to resume it"
-            return JobResult(spec.run, "preempted", f"checkpointed and stopped (exit 75); {how}", seconds)
+            return JobResult(spec.run, "preempted", f"checkpointed and stopped (exit {code}); {how}", seconds)
         finally:
             if not self._requeued:
                 run_locks.release(spec.lock, job_id)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from omegaconf import OmegaConf
 
 from baselines import registry
 from experiments import all_baselines, cluster, run_locks, sweep, sweep_status
+from experiments.smoke_reference import UNTIMED
 from rsm_core.config import ConfigError, load_config
 from rsm_core.records import read_metrics
 
@@ -456,3 +459,52 @@ def test_a_smoke_sweep_trains_every_trainable_method(tmp_path: Path) -> None:
         run_dir = tmp_path / "all_baselines-smoke" / f"{name}-seed0"
         assert [row["epoch"] for row in read_metrics(run_dir)] == [0, 1], name
     assert "20 complete" in result.stdout
+
+
+@pytest.mark.slow
+def test_an_interrupted_two_process_sweep_resumes_to_the_metrics_of_an_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to a local sweep reaches a 2-process run through experiments.launch and accelerate
+    (which ignore it): the workers finish their epoch, checkpoint and exit; the sweep exits 75, and
+    the rerun resumes the run to the metrics of an uninterrupted run, the timings aside."""
+    method = "vgg-flow-linear-a"
+    args = [
+        "--methods",
+        method,
+        "--set",
+        "budget.value=4",
+        "--set",
+        f"methods.{method}.gpus=2",
+        "--allow-cpu",
+    ]
+    run = f"{method}-seed0"
+    sweep_dir = tmp_path / "stopped" / "all_baselines-smoke"
+    stopped = subprocess.Popen(
+        sweep_command(tmp_path / "stopped", *args),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while 1 not in [row["epoch"] for row in sweep_status.metrics(sweep_dir / run)]:
+        assert time.monotonic() < deadline and stopped.poll() is None, (
+            "the run never finished its first epoch"
+        )
+        time.sleep(0.2)
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=300)
+    assert stopped.returncode == cluster.PREEMPTED_EXIT, out
+    assert f"stopped early: {run}; rerun the same command to resume" in out
+    assert json.loads((sweep_dir / run / "status.json").read_text())["state"] == "preempted"
+    resumed = subprocess.run(sweep_command(tmp_path / "stopped", *args), cwd=REPO_ROOT, env=child_env())
+    reference = subprocess.run(sweep_command(tmp_path / "reference", *args), cwd=REPO_ROOT, env=child_env())
+    assert resumed.returncode == 0 and reference.returncode == 0
+
+    def untimed(path: Path) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.startswith(UNTIMED)} for row in read_metrics(path)]
+
+    again = untimed(sweep_dir / run)
+    assert [row["epoch"] for row in again] == [0, 1, 2, 3, 4]
+    assert again == untimed(tmp_path / "reference" / "all_baselines-smoke" / run)
