@@ -400,7 +400,8 @@ def describe(
         return
     for gpus, members in arrays(jobs).items():
         params = cluster.slurm_parameters(settings, gpus, array_name(sweep_dir, gpus))
-        say(f"\nsbatch script of the array {params['job_name']} ({len(members)} jobs):")
+        jobs = f"an array of {len(members)} jobs" if len(members) > 1 else "one job"
+        say(f"\nsbatch script of {params['job_name']} ({jobs}):")
         say(cluster.sbatch_script(sweep_dir / "slurm" / "%j", params, len(members)))
 
 

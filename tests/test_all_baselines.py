@@ -231,12 +231,12 @@ def test_the_job_id_is_the_array_task_the_slurm_job_or_the_local_process(monkeyp
 
 
 def test_a_local_dry_run_prints_every_job_and_command_and_starts_nothing(tmp_path: Path, capsys) -> None:
-    methods = "sqdf,tempflow-grpo,vgg-flow-linear-a"
+    methods = "sqdf,tempflow-grpo,vgg-flow-linear-a,fair-clip"
     all_baselines.main(["--scale", "smoke", "--dry-run", "--runs-dir", str(tmp_path), "--methods", methods])
     out = capsys.readouterr().out
     sweep_dir = tmp_path / "all_baselines-smoke"
-    assert "all_baselines-smoke on local: 3 methods, 3 jobs, budget 1 epochs per run" in out
-    for group in ("fig3", "fig6", "first-order diffusion"):
+    assert "all_baselines-smoke on local: 4 methods, 4 jobs, budget 1 epochs per run" in out
+    for group in ("fig3", "fig6", "first-order diffusion (fig5 settings)", "zeroth-order flow"):
         assert f"\n{group}\n" in out
     command = (
         f"-m experiments.run --config {sweep_dir}/jobs/sqdf-seed0.yaml --name sqdf-seed0 "
@@ -260,7 +260,9 @@ def test_a_slurm_dry_run_prints_gpu_hours_per_figure_and_each_array_script(tmp_p
     assert "-m experiments.launch --processes 4 experiments.run --config" in out
     assert "-m experiments.launch --processes 2 experiments.run --config" in out
     for array, jobs, gpus in (("all_baselines-paper-4gpu", 6, 4), ("all_baselines-paper-2gpu", 3, 2)):
-        script = out.split(f"sbatch script of the array {array} ({jobs} jobs):")[1].split("sbatch script")[0]
+        script = out.split(f"sbatch script of {array} (an array of {jobs} jobs):")[1].split("sbatch script")[
+            0
+        ]
         for line in (f"--array=0-{jobs - 1}%{jobs}", f"--gpus-per-node={gpus}", f"--job-name={array}"):
             assert f"#SBATCH {line}" in script
         for line in ("--partition=h200", "--account=rsm", "--signal=USR1@600", "--time=1440"):
