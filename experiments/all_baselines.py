@@ -7,9 +7,9 @@ The sweep is data: ``configs/all_baselines/<scale>.yaml`` lists every trainable 
 baselines/registry.py with where its run settings come from, its backbone, reward, seeds and GPUs,
 and one budget for all of them. A method runs with its figure's settings (``figure`` + ``arm``: the
 figure's scale file, its arm table, its row's ``family_overrides`` and its ``arm_overrides``, as
-``make <figure>`` runs it); a method in no figure takes configs/run/<arm kind>/<scale>.yaml (no
-``figure``), or at paper scale a figure's run settings for its model family (``figure`` +
-``family``). Then come the entry's backbone and reward, its ``overrides``, and last the budget,
+``make <figure>`` runs it); a method in no figure takes a figure's run settings for its model family
+(``figure`` + ``family``: the scale file and that row's ``family_overrides``) or, without
+``figure``, configs/run/<arm kind>/<scale>.yaml. Then come the entry's backbone and reward, its ``overrides``, and last the budget,
 applied alike to every arm as run.loop settings:
 
 - ``budget.kind: epochs``: loop.epochs = value;
@@ -22,7 +22,7 @@ config is resolved and checked (a bad key fails here, not an hour in), a run dir
 another config is refused, and each config is written to ``<sweep>/jobs/<run>.yaml``. A job runs
 
     python -m experiments.run --config <sweep>/jobs/<run>.yaml --name <run> --runs-dir <sweep>
-        --group <sweep name> --job-type <method> --scale <scale>
+        --group <sweep name> --job-type <method> --scale <scale> --seed-label <seed>
 
 (through experiments.launch with one process per GPU when the entry asks for more than one GPU),
 under a lock (experiments.run_locks), output in ``<sweep>/logs/<run>.log``. ``--cluster local`` runs
@@ -109,7 +109,7 @@ class MethodEntry:
     # "": configs/run/<arm kind>/<scale>.yaml; else a figure of FIGURES, with its arm or its family
     figure: str = ""
     arm: str = ""  # the figure's arm whose settings the method takes (its figure's own arm)
-    family: str = ""  # a method in no figure: only the figure's run settings for this model family
+    family: str = ""  # a method in no figure: the figure's run settings for this model family (a row)
     backbone: str = "tiny"  # model.backbone
     reward: str = ""  # "" keeps the settings' reward
     seeds: list[int] = field(default_factory=list)  # [] = the sweep's seeds
