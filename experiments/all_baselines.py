@@ -9,8 +9,8 @@ and one budget for all of them. A method runs with its figure's settings (``figu
 figure's scale file, its arm table, its row's ``family_overrides`` and its ``arm_overrides``, as
 ``make <figure>`` runs it); a method in no figure takes a figure's run settings for its model family
 (``figure`` + ``family``: the scale file and that row's ``family_overrides``) or, without
-``figure``, configs/run/<arm kind>/<scale>.yaml. Then come the entry's backbone and reward, its ``overrides``, and last the budget,
-applied alike to every arm as run.loop settings:
+``figure``, configs/run/<arm kind>/<scale>.yaml. Then come the entry's backbone and reward, its
+``overrides``, and last the budget, applied alike to every arm as run.loop settings:
 
 - ``budget.kind: epochs``: loop.epochs = value;
 - ``nfe`` / ``gpu_hours``: loop.budget_kind and loop.budget_limit = value; a run stops at the first

@@ -107,27 +107,29 @@ def rows(sweep_dir: Path, states: Callable[[list[str]], dict[str, str]] = slurm_
 
 
 def _cell(value: float | int | None, digits: int) -> str:
+    """``value`` to ``digits`` significant digits (smoke runs spend a thousandth of a GPU-hour)."""
     if value is None:
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def render(table: list[Row]) -> str:
-    header = (
-        f"{'run':<44} {'state':<12} {'epochs':>6} {'eval reward':>11} {'GPU-hours':>9}  {'job':<14} slurm"
-    )
+    width = max([len("run"), *(len(row.run) for row in table)])
+
+    def line(run: str, state: str, epochs: str, reward: str, hours: str, job: str, slurm: str) -> str:
+        return f"{run:<{width}}  {state:<12} {epochs:>6} {reward:>11} {hours:>9}  {job:<14} {slurm}"
+
+    header = line("run", "state", "epochs", "eval reward", "GPU-hours", "job", "Slurm")
     lines = [header, "-" * len(header)]
     for row in table:
-        lines.append(
-            f"{row.run:<42} {row.state:<12} {_cell(row.epochs, 0):>6} {_cell(row.eval_reward, 4):>11} "
-            f"{_cell(row.gpu_hours, 2):>9}  {row.job_id or '-':<14} {row.slurm or '-'}"
-        )
+        cells = (_cell(row.epochs, 0), _cell(row.eval_reward, 4), _cell(row.gpu_hours, 3))
+        lines.append(line(row.run, row.state, *cells, row.job_id or "-", row.slurm or "-"))
     counts: dict[str, int] = {}
     for row in table:
         counts[row.state] = counts.get(row.state, 0) + 1
     hours = sum(row.gpu_hours or 0.0 for row in table)
     tally = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    lines.append(f"{len(table)} runs: {tally}; {hours:.2f} GPU-hours so far")
+    lines.append(f"{len(table)} runs: {tally}; {hours:.3g} GPU-hours so far")
     return "\n".join(lines)
 
 

@@ -44,7 +44,6 @@ def jobs_of(
 def test_each_sweep_file_lists_exactly_the_trainable_methods(scale: str) -> None:
     cfg = all_baselines.load(scale)
     assert sorted(cfg.methods) == TRAINABLE
-    assert len(TRAINABLE) == 20
 
 
 @pytest.mark.parametrize("scale", SCALES)
