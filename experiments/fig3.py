@@ -22,15 +22,16 @@ ARMS = {
 }
 
 
+FIGURE = sweep.Figure(
+    name="fig3",
+    arms=ARMS,
+    title="Figure 3 — zeroth-order flow, branching budget",
+    ylabel="evaluation reward\n(EMA weights, ODE samples)",
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    sweep.main(
-        argv,
-        figure="fig3",
-        doc=__doc__,
-        arms=ARMS,
-        title="Figure 3 — zeroth-order flow, branching budget",
-        ylabel="evaluation reward\n(EMA weights, ODE samples)",
-    )
+    sweep.main(argv, FIGURE, __doc__)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,18 @@ ROWS = [
 ]
 
 
+FIGURE = sweep.Figure(
+    name="fig5",
+    arms=ARMS,
+    title="Figure 5 — first-order redesign vs pruned baselines",
+    ylabel="evaluation reward\n(policy samples, fixed test prompts)",
+    rows=ROWS,
+    runs=sweep.FIRST_ORDER_RUNS,
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    sweep.main(
-        argv,
-        figure="fig5",
-        doc=__doc__,
-        arms=ARMS,
-        title="Figure 5 — first-order redesign vs pruned baselines",
-        ylabel="evaluation reward\n(policy samples, fixed test prompts)",
-        rows=ROWS,
-        runs=sweep.FIRST_ORDER_RUNS,
-    )
+    sweep.main(argv, FIGURE, __doc__)
 
 
 if __name__ == "__main__":

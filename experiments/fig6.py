@@ -25,17 +25,18 @@ ROWS = [
 ]
 
 
+FIGURE = sweep.Figure(
+    name="fig6",
+    arms=ARMS,
+    title="Figure 6 — estimator or weighting?",
+    ylabel="evaluation reward\n(policy samples, fixed test prompts)",
+    rows=ROWS,
+    runs=sweep.FIRST_ORDER_RUNS,
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    sweep.main(
-        argv,
-        figure="fig6",
-        doc=__doc__,
-        arms=ARMS,
-        title="Figure 6 — estimator or weighting?",
-        ylabel="evaluation reward\n(policy samples, fixed test prompts)",
-        rows=ROWS,
-        runs=sweep.FIRST_ORDER_RUNS,
-    )
+    sweep.main(argv, FIGURE, __doc__)
 
 
 if __name__ == "__main__":

@@ -35,17 +35,18 @@ PANELS = (
 )
 
 
+FIGURE = sweep.Figure(
+    name="fig_zo_diffusion",
+    arms=ARMS,
+    title="Zeroth-order diffusion — PCPO vs sparse branching",
+    ylabel="evaluation reward\n(plain SDE sampler, fixed prompts and noise)",
+    extra={"wallclock_eval_h": ("wallclock_eval_h",), "approx_kl": ("eval_approx_kl",)},
+    panels=PANELS,
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    sweep.main(
-        argv,
-        figure="fig_zo_diffusion",
-        doc=__doc__,
-        arms=ARMS,
-        title="Zeroth-order diffusion — PCPO vs sparse branching",
-        ylabel="evaluation reward\n(plain SDE sampler, fixed prompts and noise)",
-        extra={"wallclock_eval_h": ("wallclock_eval_h",), "approx_kl": ("eval_approx_kl",)},
-        panels=PANELS,
-    )
+    sweep.main(argv, FIGURE, __doc__)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,18 @@ ARMS = {
 }
 
 
+FIGURE = sweep.Figure(
+    name="fig_zo_flow",
+    arms=ARMS,
+    title="GenEval validation — zeroth-order flow",
+    ylabel="GenEval strict accuracy\n(mean over test images)",
+    y="strict",
+    extra={"strict": ("eval_shapes_geneval_strict", "eval_geneval-server-strict")},
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    sweep.main(
-        argv,
-        figure="fig_zo_flow",
-        doc=__doc__,
-        arms=ARMS,
-        title="GenEval validation — zeroth-order flow",
-        ylabel="GenEval strict accuracy\n(mean over test images)",
-        y="strict",
-        extra={"strict": ("eval_shapes_geneval_strict", "eval_geneval-server-strict")},
-    )
+    sweep.main(argv, FIGURE, __doc__)
 
 
 if __name__ == "__main__":

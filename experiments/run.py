@@ -12,6 +12,12 @@ data shard, and hands them to the shared trainer; rerunning the same command res
 run from its last checkpoint.
 
     python -m experiments.run tempflow-grpo --scale smoke      # one run, any registered method
+    python -m experiments.run --config jobs/run.yaml --name R  # a full run config (a sweep's job)
+
+Preemption: on SIGTERM or SIGUSR1 (Slurm's warning before the time limit), or when the file
+``<run>/stop.request`` appears, the run finishes its current epoch (the unit a checkpoint holds),
+writes a checkpoint consistent across its processes, marks itself "preempted" and exits with
+``PREEMPTED_EXIT`` (75); the same command resumes it exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ import argparse
 import dataclasses
 import gc
 import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,16 +41,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from baselines import registry
-from baselines.method import Method
+from baselines.method import Family, Method, Signal
+from experiments import image_grids
 from experiments.cli import run as run_cli
 from experiments.paper_data import data_file
-from rsm_core import arms
+from rsm_core import arms, checkpoints
 from rsm_core.arms import ArmKind
 from rsm_core.backbones.base import POLICY
 from rsm_core.backbones.lora_export import export_lora
 from rsm_core.config import ConfigError, InvalidValue, load_config, require
 from rsm_core.interfaces import Arm, Backbone, Reward
-from rsm_core.records import RunRecord, content_fingerprint
+from rsm_core.records import RunRecord, WandbIdentity, content_fingerprint
 from rsm_core.trainer import LoopConfig, Trainer
 from rsm_core.world import prompts
 
@@ -126,9 +138,13 @@ class RunConfig:
     # it refuses to start. 80: the paper's GPUs; the 1gpu configs set 24.
     gpu_memory_gb: float = 80.0
     wandb: bool = True
+    # test prompts of the image grids saved before training and after it (eval_grid_start.png,
+    # eval_grid_end.png: fixed prompts and noise, to judge reward hacking by eye); 0: none
+    grid_images: int = 4
 
     def __post_init__(self) -> None:
         require(self.shards >= 1, "shards", "must be at least 1")
+        require(self.grid_images >= 0, "grid_images", "must not be negative (0 = no image grids)")
         require(self.threads >= 0, "threads", "must not be negative (0 = torch's default)")
         require(self.gpu_memory_gb > 0, "gpu_memory_gb", "must be positive (GiB of one GPU)")
 
@@ -452,10 +468,76 @@ def training_device(accelerator, backbone: str, allow_cpu: bool) -> torch.device
     return device
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: checkpointed on request; rerunning the same command resumes
+STOP_FILE = "stop.request"  # created by a job wrapper that cannot signal the training processes
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """The run stopped on request after a checkpoint; exits the program with ``PREEMPTED_EXIT``."""
+
+    def __init__(self, run_dir: Path, epoch: int) -> None:
+        super().__init__(PREEMPTED_EXIT)
+        self.run_dir, self.epoch = run_dir, epoch
+
+    def __str__(self) -> str:
+        return (
+            f"{self.run_dir} stopped on request after checkpointing epoch {self.epoch}; rerun the same "
+            f"command to resume it (exit code {PREEMPTED_EXIT})"
+        )
+
+
+@contextmanager
+def stop_requests(run_dir: Path, handle_signals: bool) -> Iterator[Callable[[], bool]]:
+    """While training: whether a stop was asked for, by the run's stop file or (``handle_signals``,
+    for the command-line entries, not for a library caller) by SIGTERM / SIGUSR1 to this process.
+    The handlers only set a flag, so the current epoch always completes."""
+    received: list[int] = []
+    stop_file = Path(run_dir) / STOP_FILE
+    installed = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for number in STOP_SIGNALS:
+            installed[number] = signal.signal(number, lambda signum, _frame: received.append(signum))
+    try:
+        yield lambda: bool(received) or stop_file.exists()
+    finally:
+        for number, previous in installed.items():
+            signal.signal(number, previous)
+
+
+def run_identity(
+    resolved: Sections, *, name: str, group: str | None, job_type: str | None, scale: str, seed: int
+) -> WandbIdentity:
+    """The run's place in wandb: its sweep, its arm, and tags to filter by (method, order, model
+    family, baseline or redesign, backbone, reward, scale, seed)."""
+    method = resolved.method
+    order = {Signal.STEIN: "zeroth-order", Signal.REWARD_GRADIENT: "first-order"}.get(method.signal, "other")
+    model = "flow" if BACKBONE_PREDICTION[resolved.run.model.backbone] == "v" else "diffusion"
+    kind = "redesign" if method.family is Family.REDESIGN else "baseline"
+    tags = (
+        f"method:{method.name}",
+        f"family:{order}",
+        f"model:{model}",
+        f"kind:{kind}",
+        f"backbone:{resolved.run.model.backbone}",
+        f"reward:{resolved.run.reward}",
+        f"scale:{scale}",
+        f"seed:{seed}",
+    )
+    return WandbIdentity(group=group, job_type=job_type or method.name, tags=tags, name=name)
+
+
 def run(
-    config: DictConfig | RunConfig, runs_dir: Path, name: str, progress: bool = True, allow_cpu: bool = False
+    config: DictConfig | RunConfig,
+    runs_dir: Path,
+    name: str,
+    allow_cpu: bool = False,
+    identity: WandbIdentity | None = None,
+    handle_signals: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Train one run to completion (or resume it); returns the run directory."""
+    """Train one run to completion (or resume it); returns the run directory. A stop request
+    (``stop_requests``) ends it early with ``Preempted`` after a checkpoint."""
     resolved = sections(config)
     settings = resolved.run
     if settings.threads:
@@ -463,27 +545,38 @@ def run(
     accelerator = accelerator_if_launched()
     device = training_device(accelerator, settings.model.backbone, allow_cpu)
     rank = accelerator.process_index if accelerator else 0
-    record = (
-        RunRecord.create_or_resume(
-            runs_dir, name, OmegaConf.structured(settings), wandb=settings.wandb, inputs=run_inputs(settings)
+    run_dir = Path(runs_dir) / name
+    record = None
+    if rank == 0:
+        record = RunRecord.create_or_resume(
+            runs_dir,
+            name,
+            OmegaConf.structured(settings),
+            wandb=settings.wandb,
+            inputs=run_inputs(settings),
+            identity=identity,
         )
-        if rank == 0
-        else None
-    )
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a request that stopped the last attempt
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the run directory exists before any process uses it
     started = time.perf_counter()
     try:
-        epochs = _train(resolved, accelerator, device, record, Path(runs_dir) / name, progress)
+        with stop_requests(run_dir, handle_signals) as should_stop:
+            epochs, finished = _train(resolved, accelerator, device, record, run_dir, progress, should_stop)
     except BaseException as error:
         if record is not None:
             record.fail(error)
         raise
     finally:
         release_memory()
+    if not finished:
+        if record is not None:
+            record.preempt(epochs)
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
+        raise Preempted(run_dir, epochs)
     if record is not None:
         record.finish({"epochs": epochs, "seconds": round(time.perf_counter() - started, 1)})
-    return Path(runs_dir) / name
+    return run_dir
 
 
 def _train(
@@ -493,9 +586,10 @@ def _train(
     record: RunRecord | None,
     run_dir: Path,
     progress: bool,
-) -> int:
-    """Build the run's parts and train them; returns the epochs done. Everything it builds is local,
-    so release_memory can free it when it returns."""
+    should_stop: Callable[[], bool],
+) -> tuple[int, bool]:
+    """Build the run's parts and train them; returns the epochs done and whether the run finished.
+    Everything it builds is local, so release_memory can free it when it returns."""
     settings = resolved.run
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     parts = build_parts(settings, device)
@@ -505,11 +599,29 @@ def _train(
         for s in range(settings.shards)
     ]
     trainer = Trainer(shards, settings.loop, accelerator, loss_scaling=settings.model.precision == "fp16")
-    trainer.run(run_dir, record, progress=progress)
-    if record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
+    grids = record is not None and settings.grid_images > 0
+    fresh = checkpoints.read_manifest(run_dir) is None
+    if grids and fresh:  # before any update the policy is the reference (LoRA B = 0)
+        save_evaluation_grid(resolved, parts, record, image_grids.START, epoch=0)
+    finished = trainer.run(run_dir, record, progress=progress, should_stop=should_stop)
+    if finished and record is not None:  # the policy as evaluated (EMA), for pipe.load_lora_weights
         with trainer.evaluated_weights():
             export_lora(parts.backbone.model, POLICY, run_dir / "lora")
-    return trainer.epoch
+            if grids:
+                save_evaluation_grid(resolved, parts, record, image_grids.END, epoch=trainer.epoch)
+    return trainer.epoch, finished
+
+
+def save_evaluation_grid(resolved: Sections, parts: Parts, record: RunRecord, name: str, epoch: int) -> None:
+    """The run's first ``grid_images`` test prompts sampled with the arm's evaluation steps, guidance
+    and seed (the same noise at the start and the end), saved in the run directory and to wandb."""
+    arm = resolved.arm
+    prompts = [meta["prompt"] for meta in parts.test[: resolved.run.grid_images]]
+    steps = getattr(arm, "eval_steps", None) or arm.sampler_steps  # first-order arms evaluate on their grid
+    seed = getattr(arm, "eval_seed", 0)
+    images = image_grids.evaluation_images(parts.backbone, prompts, steps, arm.cfg, seed)
+    image_grids.save_grid(images, record.path / name, captions=prompts)
+    record.log_image(Path(name).stem, record.path / name, epoch)
 
 
 def release_memory() -> None:
@@ -537,23 +649,46 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("method", help=f"one of {[m.name for m in registry.trainable()]}")
+    parser.add_argument("method", nargs="?", help=f"one of {[m.name for m in registry.trainable()]}")
     parser.add_argument("--scale", default="tiny", help=f"smoke | tiny ({CONFIGS}/<arm kind>/*.yaml)")
+    parser.add_argument("--config", type=Path, help="a full run config (YAML) instead of METHOD --scale")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
     parser.add_argument("--name", help="run directory name (default: <method>-<scale>-seed<seed>)")
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
+    parser.add_argument("--group", help="wandb group: the sweep this run belongs to")
+    parser.add_argument("--job-type", help="wandb job type: the run's arm (default: the method)")
+    parser.add_argument("--seed-label", type=int, help="the seed tag in wandb (default: the config's seed)")
     parser.add_argument("--allow-cpu", action="store_true", help="run a paper-scale model without a GPU")
     args = parser.parse_args(argv)
-    method = trainable_method(args.method)
-    cfg = load_config(
-        RunConfig, *scale_files(method, args.scale), overrides=[f"method={args.method}", *args.set]
+    if (args.method is None) == (args.config is None):
+        raise ConfigError("name a METHOD (with --scale) or give --config FILE, not both")
+    if args.config is not None:
+        cfg = load_config(RunConfig, args.config, overrides=args.set)
+    else:
+        method = trainable_method(args.method)
+        cfg = load_config(
+            RunConfig, *scale_files(method, args.scale), overrides=[f"method={args.method}", *args.set]
+        )
+    resolved = sections(cfg)
+    seed = resolved.run.seed
+    name = args.name or f"{resolved.method.name}-{args.scale}-seed{seed}"
+    identity = run_identity(
+        resolved,
+        name=f"{args.group}/{name}" if args.group else name,
+        group=args.group,
+        job_type=args.job_type,
+        scale=args.scale,
+        seed=seed if args.seed_label is None else args.seed_label,
     )
-    resolved = resolve(cfg)
-    name = args.name or f"{resolved.method}-{args.scale}-seed{resolved.seed}"
     started = time.perf_counter()
-    path = run(resolved, args.runs_dir, name, allow_cpu=args.allow_cpu)
+    try:
+        resolved_config = resolve(cfg)
+        path = run(resolved_config, args.runs_dir, name, args.allow_cpu, identity, handle_signals=True)
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        raise
     print(f"{name} done in {(time.perf_counter() - started) / 60:.1f} min: {path}")
 
 

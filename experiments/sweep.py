@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from experiments.run import RunConfig, resolve, run, run_inputs
+from experiments import image_grids
+from experiments.run import RunConfig, resolve, run, run_identity, run_inputs, sections
 from rsm_core.config import ConfigError, apply_override, load_config, require
 from rsm_core.records import RunExistsError, RunRecord, read_metrics
 
@@ -126,12 +129,21 @@ def _plain(value):
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
+# The metrics rows of each run of a figure by (arm, seed index), in drawing order: from the run
+# directories (``run_metrics``; metrics.jsonl is the source of truth) or from their wandb mirror
+# (experiments.plot)
+RunMetrics = Mapping[tuple[str, int], list[dict[str, Any]]]
+
+
+def run_metrics(
+    sweep: Path, arms: list[str], seeds: list[int]
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Every run's metrics.jsonl rows, read from the sweep directory (each run must be complete)."""
+    return {(arm, seed): read_metrics(sweep / run_name(arm, seed)) for arm in arms for seed in seeds}
+
+
 def frame(
-    sweep: Path,
-    arms: list[str],
-    seeds: list[int],
-    extra: dict[str, tuple[str, ...]] | None = None,
-    divergence: str = "kl",
+    runs: RunMetrics, extra: dict[str, tuple[str, ...]] | None = None, divergence: str = "kl"
 ) -> pd.DataFrame:
     """Every evaluation row of every run, long format (one row per arm, seed and evaluated epoch).
 
@@ -140,27 +152,26 @@ def frame(
     names the column of the evaluation's KL, or of the transition drift of ODE-trained arms."""
     extra = extra or {}
     rows = []
-    for arm in arms:
-        for seed in seeds:
-            for row in read_metrics(sweep / run_name(arm, seed)):
-                if "eval_reward" not in row:
-                    continue
-                rows.append(
-                    {
-                        "arm": arm,
-                        "seed": seed,
-                        "epoch": row["epoch"],
-                        "wallclock_h": row["wallclock_h"],
-                        "nfe": row["nfe"],
-                        divergence: row["eval_kl"] if "eval_kl" in row else row["eval_drift"],
-                        "reward": row["eval_reward"],
-                        "train_reward": row.get("reward_mean", float("nan")),
-                        **{
-                            column: next((row[k] for k in keys if k in row), float("nan"))
-                            for column, keys in extra.items()
-                        },
-                    }
-                )
+    for (arm, seed), metrics in runs.items():
+        for row in metrics:
+            if "eval_reward" not in row:
+                continue
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "epoch": row["epoch"],
+                    "wallclock_h": row["wallclock_h"],
+                    "nfe": row["nfe"],
+                    divergence: row["eval_kl"] if "eval_kl" in row else row["eval_drift"],
+                    "reward": row["eval_reward"],
+                    "train_reward": row.get("reward_mean", float("nan")),
+                    **{
+                        column: next((row[k] for k in keys if k in row), float("nan"))
+                        for column, keys in extra.items()
+                    },
+                }
+            )
     columns = [divergence if column == "kl" else column for column in COLUMNS]
     return pd.DataFrame(rows, columns=[*columns, *extra])
 
@@ -253,33 +264,61 @@ def plot_rows(data: pd.DataFrame, stem: Path, title: str, ylabel: str, rows: lis
     return save_figure(fig, data, stem)
 
 
-def main(
-    argv: list[str] | None,
-    *,
-    figure: str,
-    doc: str,
-    arms: dict[str, list[str]],
-    title: str,
-    ylabel: str,
-    y: str = "reward",
-    extra: dict[str, tuple[str, ...]] | None = None,
-    rows: list[PanelRow] | None = None,
-    runs: str | None = None,
-    panels: tuple[Axis, ...] = PANELS,
-) -> None:
-    """Run every arm x seed of ``figure`` at a scale (reusing complete runs) and draw it: two panels,
-    or with ``rows`` one row of two panels per model family. ``runs`` names the sweep directory
-    (default: the figure): figures whose shared arms have the same settings share one, so a run both
-    draw is trained once."""
+@dataclass(frozen=True)
+class Figure:
+    """A figure: its arms and how it is drawn. ``main`` runs and draws it; `python -m experiments.plot`
+    redraws it from its run directories or their wandb mirror."""
+
+    name: str  # configs/<name>/<scale>.yaml and the figure's files
+    arms: dict[str, list[str]]  # arm name -> its settings (at least its registered method)
+    title: str
+    ylabel: str
+    y: str = "reward"
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)  # more frame columns (see ``frame``)
+    rows: list[PanelRow] | None = None  # two-family figures: one row of two panels per model family
+    # the sweep directory's name before -<scale> (default: the figure's): figures whose shared arms
+    # have the same settings share one, so a run both draw is trained once
+    runs: str | None = None
+    panels: tuple[Axis, ...] = PANELS  # one-row figures: the x of each panel
+
+    @property
+    def sweep(self) -> str:
+        return self.runs or self.name
+
+    def frame(self, runs: RunMetrics) -> pd.DataFrame:
+        """The figure's long-format data (its CSV) from its runs' metrics rows."""
+        return frame(runs, self.extra, divergence="kl" if self.rows is None else "kl_or_drift")
+
+    def draw(
+        self, data: pd.DataFrame, figures_dir: Path, scale: str, sweep: Path | None = None
+    ) -> list[Path]:
+        """PNG, PDF and CSV under ``figures_dir`` (the tiny scale's at its top, the others' in <scale>/);
+        with the ``sweep`` directory also <figure>_images.png, each arm's first seed's evaluation images
+        before and after training, where its runs saved them."""
+        stem = figures_dir / self.name if scale == "tiny" else figures_dir / scale / self.name
+        title = f"{self.title} ({scale})"
+        if self.rows is None:
+            paths = plot_panels(data, stem, title, self.ylabel, self.y, self.panels)
+        else:
+            paths = plot_rows(data, stem, title, self.ylabel, rows=self.rows)
+        first = {
+            arm: run_name(arm, int(seed))
+            for arm, seed in data.groupby("arm", sort=False)["seed"].min().items()
+        }
+        if sweep is not None and first and all(image_grids.has_grids(sweep / run) for run in first.values()):
+            paths.append(image_grids.figure_grid(sweep, first, stem.with_name(f"{stem.name}_images.png")))
+        return paths
+
+
+def main(argv: list[str] | None, figure: Figure, doc: str) -> None:
+    """Run every arm x seed of ``figure`` at a scale (reusing complete runs) and draw it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    configs = Path(__file__).parent / "configs" / figure
+    configs = Path(__file__).parent / "configs" / figure.name
     parser.add_argument("--scale", default="tiny", help=f"smoke | tiny | paper | 1gpu ({configs}/*.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    parser.add_argument(
-        "--name", help=f"sweep directory under --runs-dir (default: {runs or figure}-<scale>)"
-    )
+    parser.add_argument("--name", help=f"sweep directory under --runs-dir (default: {figure.sweep}-<scale>)")
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
     parser.add_argument("--plot-only", action="store_true", help="redraw from the finished runs")
@@ -289,11 +328,11 @@ def main(
     args = parser.parse_args(argv)
 
     cfg = load_config(SweepConfig, configs / f"{args.scale}.yaml", overrides=args.set)
-    chosen = list(cfg.arms) or list(arms)
-    unknown = sorted(set(chosen) - set(arms))
+    chosen = list(cfg.arms) or list(figure.arms)
+    unknown = sorted(set(chosen) - set(figure.arms))
     if unknown:
-        raise ConfigError(f"unknown arms {unknown} for {figure}; choose from {list(arms)}")
-    arms = arm_settings(cfg, arms, rows)
+        raise ConfigError(f"unknown arms {unknown} for {figure.name}; choose from {list(figure.arms)}")
+    arms = arm_settings(cfg, figure.arms, figure.rows)
     # every run's config is resolved and checked before the first one starts
     configs_by_run = {(arm, seed): arm_config(cfg, arms[arm], seed) for arm in chosen for seed in cfg.seeds}
     OmegaConf.to_object(cfg)  # the sweep's own checks (its run section passed above)
@@ -302,12 +341,14 @@ def main(
         configs / f"{args.scale}.yaml",
         overrides=[o for o in args.set if not o.startswith("run.")],
     )
-    check_overrides(args.set, arms, figure, {arm: arm_config(plain, arms[arm], seed=0) for arm in chosen})
+    check_overrides(
+        args.set, arms, figure.name, {arm: arm_config(plain, arms[arm], seed=0) for arm in chosen}
+    )
     if not args.plot_only and not args.allow_cpu and torch.cuda.is_available():
         from experiments.plan import check_runs  # a GPU sweep: refuse one whose memory plan cannot fit
 
         check_runs({run_name(arm, seed): OmegaConf.to_object(c) for (arm, seed), c in configs_by_run.items()})
-    sweep = args.runs_dir / (args.name or f"{runs or figure}-{args.scale}")
+    sweep = args.runs_dir / (args.name or f"{figure.sweep}-{args.scale}")
     started = time.perf_counter()
     if not args.plot_only:
         for (arm, seed), config in configs_by_run.items():
@@ -321,15 +362,21 @@ def main(
                     )
                 print(f"{path} is complete; reusing it (use --name for a fresh sweep)")
                 continue
-            run(config, sweep, name, allow_cpu=args.allow_cpu)
+            identity = run_identity(
+                sections(config),
+                name=f"{sweep.name}/{name}",
+                group=sweep.name,
+                job_type=arm,
+                scale=args.scale,
+                seed=seed,
+            )
+            run(config, sweep, name, allow_cpu=args.allow_cpu, identity=identity, handle_signals=True)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch the main process draws the figure
-    stem = args.figures_dir / figure if args.scale == "tiny" else args.figures_dir / args.scale / figure
-    if rows is None:
-        data = frame(sweep, chosen, list(cfg.seeds), extra)
-        paths = plot_panels(data, stem, f"{title} ({args.scale})", ylabel, y, panels)
-    else:
-        data = frame(sweep, chosen, list(cfg.seeds), extra, divergence="kl_or_drift")
-        paths = plot_rows(data, stem, f"{title} ({args.scale})", ylabel, rows)
+    data = figure.frame(run_metrics(sweep, chosen, list(cfg.seeds)))
+    paths = figure.draw(data, args.figures_dir, args.scale, sweep)
     minutes = (time.perf_counter() - started) / 60
-    print(f"{figure} done in {minutes:.1f} min: runs in {sweep}; figure " + ", ".join(str(p) for p in paths))
+    print(
+        f"{figure.name} done in {minutes:.1f} min: runs in {sweep}; figure "
+        + ", ".join(str(p) for p in paths)
+    )

@@ -11,10 +11,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
 PHASES = ("sample", "reward", "train", "eval")
+# What a matched-compute sweep holds equal across its arms (every arm stops at the first epoch that
+# reaches it): epochs, guided policy calls, or GPU-hours of training (processes x wall-clock hours)
+BudgetKind = Literal["epochs", "nfe", "gpu_hours"]
+BUDGET_KINDS = ("epochs", "nfe", "gpu_hours")
 
 
 @dataclass
@@ -54,6 +59,14 @@ class Budget:
     @classmethod
     def from_state(cls, state: dict) -> Budget:
         return cls(state["nfe"], state["reward_calls"], dict(state["seconds"]))
+
+
+def spent(kind: BudgetKind, epoch: int, row: dict[str, float]) -> float:
+    """How much of a ``kind`` budget a run has used after ``epoch`` epochs (``row``: its budget row
+    with ``nfe`` and ``gpu_hours``, summed over processes)."""
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"unknown budget kind {kind!r}; choose one of {BUDGET_KINDS}")
+    return float(epoch) if kind == "epochs" else float(row[kind])
 
 
 def reset_peak_memory(device: torch.device) -> None:

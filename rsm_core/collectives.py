@@ -46,6 +46,18 @@ class Collectives:
             return tensor
         return self.accelerator.reduce(tensor, op)
 
+    def any(self, flag: bool) -> bool:
+        """Whether any process says True: a decision one process takes (its clock, a signal it got)
+        must be taken by all, or the processes fall out of step at the next collective."""
+        if self.processes == 1:
+            return flag
+        votes = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        return bool(self.accelerator.reduce(votes, "sum").item() > 0)
+
+    def barrier(self) -> None:
+        if self.processes > 1:
+            self.accelerator.wait_for_everyone()
+
     def gather(self, values: Tensor) -> Tensor:
         """Every process's 1-D ``values`` (lengths may differ), concatenated in rank order."""
         self._check(values)

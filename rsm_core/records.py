@@ -9,17 +9,20 @@ of truth, and a wandb failure never stops a run. Environment variables are never
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,21 @@ class IncompleteRunError(RuntimeError):
     """A reader was pointed at a run that did not finish."""
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space; what was written before it is intact."""
+
+
+def _disk_full(error: OSError, path: Path, lost: str) -> OSError:
+    """``error`` as a DiskFullError naming the file and what was (not) lost, if it is ENOSPC."""
+    if error.errno != errno.ENOSPC:
+        return error
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on the disk holding {path}: {lost}. Everything written before is intact; free "
+        f"space there and rerun the same command to resume",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Atomic writes
 # ------------------------------------------------------------------------------------------------
@@ -79,8 +97,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            lost = f"{path.name} was not written (its previous version, if any, is kept)"
+            raise _disk_full(error, path, lost) from error
         raise
 
 
@@ -164,6 +185,20 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WandbIdentity:
+    """Where a run sits in wandb: its sweep (group), its arm (job type), tags to filter by, and a
+    readable name. Entity and project come from WANDB_ENTITY / WANDB_PROJECT."""
+
+    group: str | None = None
+    job_type: str | None = None
+    tags: tuple[str, ...] = ()
+    name: str | None = None
+
+
+WANDB_FILE = "wandb.json"  # the wandb run's id and identity, so a resumed run continues the same run
+
+
 class RunRecord:
     """One run's directory; use ``RunRecord.create`` (exclusive) and close with ``finish``."""
 
@@ -174,7 +209,14 @@ class RunRecord:
 
     @classmethod
     def create(
-        cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto", inputs: dict | None = None
+        cls,
+        root: Path,
+        name: str,
+        config: Any,
+        *,
+        wandb: bool | str = "auto",
+        inputs: dict | None = None,
+        identity: WandbIdentity | None = None,
     ) -> RunRecord:
         """A new run directory. ``inputs`` (inputs.json) names what the run reads besides its config,
         e.g. the fingerprints of the weights it loads, so a run is never resumed or reused on others."""
@@ -195,7 +237,7 @@ class RunRecord:
         atomic_write_text(path / "env.json", json.dumps(environment(), indent=2) + "\n")
         atomic_write_text(path / "status.json", json.dumps({"state": "running"}) + "\n")
         (path / "metrics.jsonl").touch()
-        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
+        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb, identity))
 
     @staticmethod
     def matches(path: Path, config: Any, inputs: dict | None = None) -> bool:
@@ -209,13 +251,20 @@ class RunRecord:
 
     @classmethod
     def create_or_resume(
-        cls, root: Path, name: str, config: Any, *, wandb: bool | str = "auto", inputs: dict | None = None
+        cls,
+        root: Path,
+        name: str,
+        config: Any,
+        *,
+        wandb: bool | str = "auto",
+        inputs: dict | None = None,
+        identity: WandbIdentity | None = None,
     ) -> RunRecord:
         """A new run, or the unfinished run of the same name, config and inputs (the rerun of a killed
         command). A complete run, or one with another config or inputs, is never touched."""
         path = Path(root) / name
         if not path.exists():
-            return cls.create(root, name, config, wandb=wandb, inputs=inputs)
+            return cls.create(root, name, config, wandb=wandb, inputs=inputs, identity=identity)
         if cls.is_complete(path):
             raise RunExistsError(
                 f"run {path} is already complete and runs are never overwritten: choose another name, "
@@ -229,7 +278,7 @@ class RunRecord:
                 "name, or delete the directory"
             )
         atomic_write_text(path / "status.json", json.dumps({"state": "running", "resumed": True}) + "\n")
-        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb))
+        return cls(path, config_dict, _start_wandb(path, name, config_dict, wandb, identity))
 
     def truncate_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Drop the metrics rows ``keep`` rejects (rows logged after the checkpoint a resume starts from)."""
@@ -238,17 +287,36 @@ class RunRecord:
         atomic_write_text(self.path / "metrics.jsonl", text)
 
     def log(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.jsonl (flushed and fsynced) and mirror it to wandb."""
+        """Append one row to metrics.jsonl (flushed and fsynced; a failed write is cut back off, so the
+        file never ends in half a row) and mirror it to wandb."""
         clean = {k: _jsonable(v) for k, v in row.items()}
-        with open(self.path / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(clean) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        target = self.path / "metrics.jsonl"
+        with open(target, "ab") as handle:
+            size = handle.tell()
+            try:
+                handle.write((json.dumps(clean) + "\n").encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as error:
+                os.truncate(target, size)
+                lost = f"the row of epoch {clean.get('epoch')} was not logged"
+                raise _disk_full(error, target, lost) from error
         if self._wandb is not None:
             try:
                 self._wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float | bool)})
             except Exception as error:  # the mirror must never kill the run
                 self._drop_wandb(error)
+
+    def log_image(self, key: str, image: Path, epoch: int) -> None:
+        """Mirror an image file of the run directory to wandb at ``epoch`` (the file is the record)."""
+        if self._wandb is None:
+            return
+        try:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(image)), "epoch": epoch})
+        except Exception as error:
+            self._drop_wandb(error)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
         target = self.path / name
@@ -261,6 +329,11 @@ class RunRecord:
 
     def fail(self, error: BaseException) -> None:
         self._set_status({"state": "failed", "error": f"{type(error).__name__}: {error}"})
+        self._close_wandb()
+
+    def preempt(self, epoch: int) -> None:
+        """Stopped on request after checkpointing ``epoch``: rerunning the same command resumes it."""
+        self._set_status({"state": "preempted", "epoch": epoch})
         self._close_wandb()
 
     def __enter__(self) -> RunRecord:
@@ -313,8 +386,18 @@ def read_metrics(path: Path, *, allow_incomplete: bool = False) -> list[dict[str
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _start_wandb(path: Path, name: str, config: dict, wanted: bool | str) -> Any:
-    """A wandb run mirroring this one, or None (disabled, not installed, or failed to start)."""
+def _wandb_id() -> str:
+    """A new wandb run id (8 lowercase letters and digits, as wandb makes them)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _start_wandb(
+    path: Path, name: str, config: dict, wanted: bool | str, identity: WandbIdentity | None = None
+) -> Any:
+    """A wandb run mirroring this one, or None (disabled, not installed, or failed to start). Its id
+    is kept in the run directory (wandb.json), so a resumed run continues the same wandb run; every
+    key is plotted against ``epoch``."""
     if wanted is False:
         return None
     try:
@@ -325,15 +408,39 @@ def _start_wandb(path: Path, name: str, config: dict, wanted: bool | str) -> Any
         return None
     directory = path / "wandb"
     directory.mkdir(exist_ok=True)
+    identity = identity or WandbIdentity()
+    saved = path / WANDB_FILE
     try:
-        return wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "rsm-bench"),
-            name=name,
+        if saved.exists():
+            where = json.loads(saved.read_text())
+        else:
+            where = {
+                "id": _wandb_id(),
+                "entity": os.environ.get("WANDB_ENTITY") or None,
+                "project": os.environ.get("WANDB_PROJECT") or "rsm-bench",
+                "group": identity.group,
+                "job_type": identity.job_type,
+                "name": identity.name or name,
+                "tags": list(identity.tags),
+            }
+            atomic_write_text(saved, json.dumps(where, indent=2) + "\n")
+        run = wandb.init(
+            id=where["id"],
+            resume="allow",
+            entity=where["entity"],
+            project=where["project"],
+            group=where["group"],
+            job_type=where["job_type"],
+            name=where["name"],
+            tags=where["tags"],
             config=config,
             dir=str(directory),
             mode=os.environ.get("WANDB_MODE", "offline"),
             settings=wandb.Settings(silent=True, console="off"),
         )
+        run.define_metric("epoch")
+        run.define_metric("*", step_metric="epoch")
+        return run
     except Exception as error:
         warnings.warn(f"wandb did not start ({error}); running without the mirror", stacklevel=3)
         return None

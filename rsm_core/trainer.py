@@ -15,7 +15,9 @@ is also how the 1gpu scale fits a 2-GPU recipe on one device.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,17 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rsm_core.budget import Budget, peak_memory_gib, reset_peak_memory
+from rsm_core import checkpoints
+from rsm_core.budget import BUDGET_KINDS, Budget, BudgetKind, peak_memory_gib, reset_peak_memory, spent
 from rsm_core.collectives import Collectives
 from rsm_core.config import require
 from rsm_core.interfaces import Arm, ParamGroup
 from rsm_core.records import RunRecord, load_tensors, load_tensors_metadata, save_tensors_atomic
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient: the run cannot recover alone."""
+
 
 EmaTiming = Literal["before_step", "after_step"]
 
@@ -55,16 +63,36 @@ class LoopConfig:
     ema_timing: EmaTiming = "before_step"
     eval_every: int = 30  # epochs; also evaluated before training and after the last epoch
     checkpoint_every: int = 10  # epochs
+    # also checkpoint at the first epoch end this many minutes after the last checkpoint (0: off), so
+    # a job killed without warning loses at most about this much work
+    checkpoint_minutes: float = 0.0
+    # The compute budget a matched sweep holds equal: the run stops at the first epoch that reaches
+    # budget_limit of budget_kind (epochs, NFE, or GPU-hours = processes x training wall-clock hours);
+    # 0: no limit besides ``epochs``, which stays a cap either way.
+    budget_kind: BudgetKind = "epochs"
+    budget_limit: float = 0.0
+    # An update whose loss or gradient is NaN or inf is skipped (weights and AdamW state unchanged)
+    # and counted in the row's ``skipped_updates``; this many in a row stop the run with an error.
+    max_nonfinite_updates: int = 10
+    # The first microbatch of an epoch is on-policy: its importance ratio must be 1. A deviation
+    # beyond this (a rollout and a training forward in different precisions or batch layouts: the
+    # pitfall Flow-GRPO's users report) is warned about and logged as ``first_ratio_deviation``.
+    ratio_tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "epochs", "must be at least 1 (a run trains at least one epoch)")
-        for name in ("updates_per_epoch", "ema_every", "eval_every", "checkpoint_every"):
+        counts = ("updates_per_epoch", "ema_every", "eval_every", "checkpoint_every", "max_nonfinite_updates")
+        for name in counts:
             require(getattr(self, name) >= 1, name, "must be at least 1")
         require(self.lr > 0, "lr", "must be positive")
         require(self.weight_decay >= 0, "weight_decay", "must not be negative")
         require(0 <= self.ema_max_decay < 1, "ema_max_decay", "must lie in [0, 1)")
         require(self.ema_timing in ("before_step", "after_step"), "ema_timing", "before_step or after_step")
         require(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, "betas", "two values in [0, 1)")
+        require(self.checkpoint_minutes >= 0, "checkpoint_minutes", "must not be negative (0 = off)")
+        require(self.budget_kind in BUDGET_KINDS, "budget_kind", f"one of {BUDGET_KINDS}")
+        require(self.budget_limit >= 0, "budget_limit", "must not be negative (0 = only the epochs)")
+        require(self.ratio_tolerance > 0, "ratio_tolerance", "must be positive")
 
 
 @dataclass
@@ -121,6 +149,7 @@ class Trainer:
         self.budget = Budget()
         self.epoch = 0
         self.optimizer_steps = 0
+        self.nonfinite_streak = 0  # updates in a row skipped for a non-finite loss or gradient
 
     def _group(self, spec: ParamGroup) -> _Group:
         config = self.config
@@ -160,11 +189,15 @@ class Trainer:
             accumulation = len(plans[0]) // updates
             divisor = accumulation * len(self.shards) * self.processes  # microbatches per update, globally
             local_microbatches = len(plans[0]) * len(self.shards)
-            totals: dict[str, float] = {}
+            totals: dict[str, float] = {"skipped_updates": 0.0}
+            first_stats: dict[str, float] | None = None
             for update in range(updates):
+                losses_finite = True
                 for arm, plan in zip(self.shards, plans, strict=True):
                     for microbatch in plan[update * accumulation : (update + 1) * accumulation]:
                         loss, stats = arm.loss(microbatch)
+                        first_stats = stats if first_stats is None else first_stats
+                        losses_finite &= bool(torch.isfinite(loss.detach()).all())
                         share = loss / divisor
                         (self.scaler.scale(share) if self.scaler else share).backward()
                         for key, value in stats.items():
@@ -172,22 +205,27 @@ class Trainer:
                 self._synchronise_gradients()
                 if self.scaler:
                     self.scaler.unscale_(self.optimizer)  # clip and log the true gradients
-                for group in self.groups:
-                    norm = self._clip(group)
-                    key = "grad_norm" if group is self.groups[0] else f"grad_norm_{group.spec.name}"
-                    totals[key] = totals.get(key, 0.0) + norm / updates
+                finite = self._finite_update(losses_finite)
+                if finite:
+                    for group in self.groups:
+                        norm = self._clip(group)
+                        key = "grad_norm" if group is self.groups[0] else f"grad_norm_{group.spec.name}"
+                        totals[key] = totals.get(key, 0.0) + norm / updates
+                else:
+                    totals["skipped_updates"] += 1
                 if self.config.ema_timing == "before_step":
                     self._update_ema(accumulation)
                 if self.scaler:
                     self.scaler.step(self.optimizer)  # skipped if a gradient is inf or nan
                     self.scaler.update()
-                else:
+                elif finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.config.ema_timing == "after_step":
                     self._update_ema(accumulation)
                 self.optimizer_steps += 1
         self.epoch += 1
+        totals |= self._check_on_policy_ratio(first_stats or {})
         stats = [arm.batch_stats(b) for arm, b in zip(self.shards, batches, strict=True)]
         row = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} | totals
         row["peak_memory_gib"] = peak_memory_gib(device)
@@ -195,6 +233,47 @@ class Trainer:
         if "reward_sq_mean" in row:
             row["reward_std"] = max(row.pop("reward_sq_mean") - row["reward_mean"] ** 2, 0.0) ** 0.5
         return {**row, "microbatches": len(plans[0]) * len(self.shards) * self.processes}
+
+    def _finite_update(self, losses_finite: bool) -> bool:
+        """Whether this update's losses (on every process) and summed gradients are finite; a
+        non-finite one is skipped, and ``max_nonfinite_updates`` of them in a row stop the run."""
+        grads = [p.grad.detach().isfinite().all() for p in self.params if p.grad is not None]
+        finite = bool(torch.stack(grads).all()) if grads else True  # summed: the same on every process
+        finite = not self.collectives.any(not (finite and losses_finite))
+        if finite:
+            self.nonfinite_streak = 0
+            return True
+        self.nonfinite_streak += 1
+        limit = self.config.max_nonfinite_updates
+        warnings.warn(
+            f"epoch {self.epoch + 1}: an update had a NaN or inf loss or gradient and was skipped "
+            f"({self.nonfinite_streak} in a row; the run stops at {limit})",
+            stacklevel=3,
+        )
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteUpdates(
+                f"{limit} updates in a row had a NaN or inf loss or gradient (epoch {self.epoch + 1}); the "
+                f"run stopped. Lower loop.lr, check the reward for NaN or inf values, or raise "
+                f"loop.max_nonfinite_updates; rerunning resumes from the last checkpoint"
+            )
+        return False
+
+    def _check_on_policy_ratio(self, first: dict[str, float]) -> dict[str, float]:
+        """The first microbatch's ``ratio_deviation`` (max |rho - 1| over its rows, from arms that
+        train through an importance ratio), warned about beyond ``ratio_tolerance``."""
+        if "ratio_deviation" not in first:
+            return {}
+        deviation = first["ratio_deviation"]
+        if not deviation <= self.config.ratio_tolerance:
+            warnings.warn(
+                f"epoch {self.epoch}, rank {self.rank}: the importance ratio of the epoch's first "
+                f"microbatch is off 1 by {deviation:.3g} (loop.ratio_tolerance "
+                f"{self.config.ratio_tolerance:g}) although the policy has not changed since the rollout: "
+                "the rollout and the training forward differ (precision, autocast, batch layout); logged "
+                "as first_ratio_deviation",
+                stacklevel=3,
+            )
+        return {"first_ratio_deviation": deviation}
 
     def _model_device(self) -> torch.device:
         """Where the trained weights live (the accelerator's device, or the model's on one GPU)."""
@@ -249,9 +328,14 @@ class Trainer:
         return row
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_path(self, run_dir: Path) -> Path:
-        """One file per process: the weights are the same everywhere, the shards' RNG states are not."""
-        return Path(run_dir) / f"checkpoint-rank{self.rank}.safetensors"
+    def save_checkpoint(self, run_dir: Path) -> None:
+        """This epoch's checkpoint, consistent across processes (rsm_core.checkpoints): every rank
+        writes its file, they meet, rank 0 commits the manifest."""
+        checkpoints.write_rank(run_dir, self.epoch, self.rank, self.save)
+        self.collectives.barrier()
+        if self.is_main:
+            checkpoints.commit(run_dir, self.epoch, self.processes)
+        self.collectives.barrier()
 
     def save(self, path: Path) -> None:
         tensors: dict[str, Tensor] = {}
@@ -269,6 +353,7 @@ class Trainer:
         bookkeeping = {
             "epoch": self.epoch,
             "optimizer_steps": self.optimizer_steps,
+            "nonfinite_streak": self.nonfinite_streak,
             "groups": {g.spec.name: {"params": len(g.params), "ema": g.ema is not None} for g in self.groups},
             "adam_groups": optimizer["param_groups"],
             "adam_keys": {str(i): sorted(state) for i, state in optimizer["state"].items()},
@@ -312,6 +397,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.epoch = bookkeeping["epoch"]
         self.optimizer_steps = bookkeeping["optimizer_steps"]
+        self.nonfinite_streak = bookkeeping.get("nonfinite_streak", 0)
         self.budget = Budget.from_state(bookkeeping["budget"])
         if self.scaler:
             self.scaler.load_state_dict(bookkeeping["scaler"])
@@ -324,21 +410,41 @@ class Trainer:
             [row["nfe"], row["reward_calls"]], dtype=torch.float64, device=self.collectives.device
         )
         row["nfe"], row["reward_calls"] = (int(v) for v in self.collectives.reduce(counts, "sum").tolist())
+        row["gpu_hours"] = row["wallclock_h"] * self.processes
         return row
 
-    def run(self, run_dir: Path, record: RunRecord | None, progress: bool = True) -> None:
-        """Train to ``config.epochs`` with one metrics row per epoch (``record`` on the main process
-        only); resumes from this process's checkpoint in ``run_dir``."""
-        checkpoint = self.checkpoint_path(run_dir)
-        if checkpoint.exists():
+    def finished(self, budget: dict[str, float] | None = None) -> bool:
+        """Whether the run has trained its epochs or spent its compute budget (the same answer on
+        every process: GPU-hours follow each process's own clock)."""
+        config = self.config
+        done = self.epoch >= config.epochs
+        if config.budget_limit > 0:
+            row = budget if budget is not None else self._budget_row()
+            done |= spent(config.budget_kind, self.epoch, row) >= config.budget_limit
+        return self.collectives.any(done)
+
+    def run(
+        self,
+        run_dir: Path,
+        record: RunRecord | None,
+        progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Train until ``finished`` with one metrics row per epoch (``record`` on the main process
+        only), resuming from the run's committed checkpoint. ``should_stop`` (e.g. a preemption
+        signal arrived) is asked after every epoch: when any process says yes, the run checkpoints
+        that epoch and returns False; True when it has finished."""
+        checkpoint = checkpoints.verified(run_dir, self.rank, self.processes)
+        if checkpoint is not None:
             self.load(checkpoint)
         if record is not None:
             # rows an interrupted run logged after its last checkpoint are redone, not duplicated
-            record.truncate_metrics(keep=lambda row: checkpoint.exists() and row["epoch"] <= self.epoch)
-        if not checkpoint.exists():
+            record.truncate_metrics(keep=lambda row: checkpoint is not None and row["epoch"] <= self.epoch)
+        if checkpoint is None:
             row = {"epoch": 0, **self._budget_row(), **self.evaluate()}
             if record is not None:
                 record.log(row)
+        last_checkpoint = time.monotonic()
         bar = tqdm(
             total=self.config.epochs,
             initial=self.epoch,
@@ -346,18 +452,27 @@ class Trainer:
             unit="epoch",
             disable=not (progress and self.is_main),
         )
-        while self.epoch < self.config.epochs:
+        stopped = False
+        while not stopped and not self.finished():
             row = self.train_epoch()
-            if self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs:
+            done = self.finished(self._budget_row())
+            stopped = not done and self.collectives.any(should_stop is not None and should_stop())
+            if self.epoch % self.config.eval_every == 0 or done:
                 row |= self.evaluate()  # every process evaluates its part
             row = {"epoch": self.epoch, **self._budget_row(), **row}
             if record is not None:
                 record.log(row)
-            if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.epochs:
-                self.save(checkpoint)
+            minutes = self.config.checkpoint_minutes
+            overdue = minutes > 0 and time.monotonic() - last_checkpoint >= 60 * minutes
+            due = done or stopped or self.epoch % self.config.checkpoint_every == 0
+            if due or self.collectives.any(overdue):
+                self.save_checkpoint(run_dir)
+                last_checkpoint = time.monotonic()
             bar.update(1)
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.3f}", refresh=False)
         bar.close()
+        if stopped:
+            return False
         if record is not None:
             final = {
                 f"{g.spec.name}.{i}": v
@@ -365,3 +480,4 @@ class Trainer:
                 for i, v in enumerate(g.ema if g.ema is not None else g.params)
             }
             record.save_tensors("weights.safetensors", final)  # what evaluation used: EMA where kept
+        return True

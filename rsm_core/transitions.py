@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import torch
 from torch import Tensor
 
 from rsm_core.kernels import Kernel
@@ -61,6 +62,17 @@ class Transitions:
     def elements(self) -> int:
         """d, the number of latent elements per sample (the denominator of per-element means)."""
         return self.x[0].numel()
+
+    def ratio_deviation(self, f_theta: Tensor) -> Tensor:
+        """Per row |rho - 1| of the stored draw, rho = p_theta(x_t') / p_old(x_t') with each
+        log-density averaged over the elements (as Flow-GRPO logs it). On the first microbatch of an
+        epoch the policy is the sampling policy, so anything but 0 is numerical mismatch."""
+        self.require("noise", method="ratio_deviation")
+        x_next = self.x_next
+        log_ratio = self.kernel.log_prob(x_next, self.x, f_theta.detach(), "mean") - self.kernel.log_prob(
+            x_next, self.x, self.f_old, "mean"
+        )
+        return (torch.exp(log_ratio.double()) - 1).abs()
 
     @property
     def x_next(self) -> Tensor:

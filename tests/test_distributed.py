@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsm_core import checkpoints
 from rsm_core.records import load_tensors, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +68,11 @@ def test_two_processes_match_one_process_with_two_shards(
     )
 
     run_single, run_double = single / "fig3-smoke" / RUN, double / "fig3-smoke" / RUN
-    assert not (run_single / "checkpoint-rank1.safetensors").exists()
-    assert (run_double / "checkpoint-rank1.safetensors").exists(), "the second process did not run"
-    reference = params(run_single / "checkpoint-rank0.safetensors")
+    assert checkpoints.latest(run_single, 1) is None
+    assert checkpoints.latest(run_double, 1) is not None, "the second process did not run"
+    reference = params(checkpoints.latest(run_single, 0))
     assert any(float(p.abs().max()) > 0 for p in reference), "LoRA B stayed zero: nothing was trained"
-    rank0, rank1 = (params(run_double / f"checkpoint-rank{r}.safetensors") for r in (0, 1))
+    rank0, rank1 = (params(checkpoints.latest(run_double, r)) for r in (0, 1))
     for a, b in zip(rank0, rank1, strict=True):
         assert torch.equal(a, b), "the two processes hold different weights: not synchronised"
     # Adam divides by the gradient's running RMS, so float rounding of near-zero gradients (summation

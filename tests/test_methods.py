@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from baselines import registry
 from experiments import run as run_module
+from rsm_core import checkpoints
 from rsm_core.config import ConfigError, load_config
 from rsm_core.records import load_tensors, read_metrics
 
@@ -52,9 +53,13 @@ def test_every_trainable_method_trains_one_smoke_epoch(method, tmp_path: Path) -
     for key in ("reward_mean", "grad_norm", "eval_reward", divergence, *logged):
         assert torch.isfinite(torch.tensor(trained[key])), key
     assert trained["nfe"] > 0 and trained["reward_calls"] > 0
+    assert trained["skipped_updates"] == 0
+    if method.arm != "fo_trajectory":  # the importance ratio of the first, on-policy microbatch is 1
+        assert trained["first_ratio_deviation"] <= run_module.LoopConfig().ratio_tolerance
+    assert (run_dir / "eval_grid_start.png").is_file() and (run_dir / "eval_grid_end.png").is_file()
     settings = run_module.sections(OmegaConf.load(run_dir / "config.yaml")).run
     initial = run_module.build_backbone(settings.model, settings.seed).adapter_parameters()
-    weights = load_tensors(run_dir / "checkpoint-rank0.safetensors")
+    weights = load_tensors(checkpoints.latest(run_dir))
     trained_weights = [weights[f"param.policy.{i}"] for i in range(len(initial))]
     assert any(not torch.equal(a, b) for a, b in zip(initial, trained_weights, strict=True)), (
         "nothing trained"

@@ -17,6 +17,7 @@ from fake_geneval_server import FakeGenEvalServer
 from tiny_pipelines import T5_LENGTH, save_sd3
 
 from experiments import fig_zo_flow
+from rsm_core import checkpoints
 from rsm_core.records import load_tensors, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,4 +109,4 @@ def test_two_processes_run_the_paper_path(tmp_path: Path, subprocess_env: dict[s
     assert done.returncode == 0, done.stderr[-3000:]
     run = runs / "fig_zo_flow-paper" / RUN
     check_run(run)
-    assert (run / "checkpoint-rank1.safetensors").exists(), "the second process did not run"
+    assert checkpoints.latest(run, 1) is not None, "the second process did not run"

@@ -192,7 +192,10 @@ def test_wandb_mirror_runs_offline_inside_the_run_directory(tmp_path: Path, monk
     with RunRecord.create(tmp_path, "r", {"a": 1}, wandb=True) as run:
         run.log({"epoch": 0, "reward": 1.5, "note": "text is kept out of wandb"})
         run.finish()
-    assert list((run.path / "wandb").rglob("offline-run-*")), "no offline wandb run under the run directory"
+    offline = list((run.path / "wandb").rglob("offline-run-*"))
+    assert offline, "no offline wandb run under the run directory"
+    run_id = json.loads((run.path / "wandb.json").read_text())["id"]
+    assert all(path.name.endswith(run_id) for path in offline), "the run id kept in wandb.json is not wandb's"
     assert read_metrics(run.path)[0]["note"] == "text is kept out of wandb"
 
 

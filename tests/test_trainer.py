@@ -281,7 +281,9 @@ def test_every_collective_of_an_epoch_gets_a_tensor_on_the_accelerators_device(f
     trainer.train_epoch()
     trainer._budget_row()
     gradients = len(trainer.params) * LOOP.updates_per_epoch
-    assert len(accelerator.seen) == gradients + 2  # the gradients, the epoch's means and the counts
+    finite_votes = LOOP.updates_per_epoch  # every update asks whether any process saw a NaN or inf
+    # the gradients, the votes, the epoch's means and the counts
+    assert len(accelerator.seen) == gradients + finite_votes + 2
     assert set(accelerator.seen) == {torch.device("cpu")}
 
 

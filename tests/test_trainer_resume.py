@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from experiments.smoke_reference import UNTIMED
+from rsm_core import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "tempflow-grpo-seed0"
@@ -69,8 +70,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_metrics(
     )
     try:
         # after the epoch-1 checkpoint the run is inside epoch 2: kill it there
-        checkpoint = run_dir / "checkpoint-rank0.safetensors"
-        wait_for(lambda: checkpoint.exists() and len(metrics(killed)) >= 2, 300)
+        wait_for(lambda: checkpoints.latest(run_dir) is not None and len(metrics(killed)) >= 2, 300)
         time.sleep(0.5)
         os.kill(process.pid, signal.SIGKILL)
     finally:

@@ -433,6 +433,7 @@ class ZOBranchArm:
         with torch.no_grad():
             diagnostics = self.objective.diagnostics(f_theta, rows, per_row)
             stats = {name: float((value * counted).sum() / n) for name, value in diagnostics.items()}
+            stats["ratio_deviation"] = float(rows.ratio_deviation(f_theta).max())
         return loss, stats | {
             "kl_anchor_loss": float(anchor_kl.detach()),
             "policy_loss": float(policy_loss.detach()),

@@ -223,7 +223,8 @@ class ZOTrajectoryArm:
         loss = surrogate.loss.mean()
         with torch.no_grad():
             diagnostics = self.objective.diagnostics(f_theta, rows, surrogate)
-        stats = {name: float(value.double().mean()) for name, value in diagnostics.items()}
+            stats = {name: float(value.double().mean()) for name, value in diagnostics.items()}
+            stats["ratio_deviation"] = float(rows.ratio_deviation(f_theta).max())
         return loss, stats | {"policy_loss": float(loss.detach())}
 
     def batch_stats(self, batch: Trajectories) -> dict[str, float]:
