@@ -47,11 +47,12 @@ def arm_scored_by(world, url: str, before_call: Callable[[], None] = lambda: Non
 
 def turning_bad_at_second_call(server: FakeGenEvalServer, fault: str) -> Callable[[], None]:
     """A hook that counts reward calls and breaks ``server`` just before the second."""
-    calls = []
+    calls = 0
 
     def before_call() -> None:
-        calls.append(server.requests)
-        if len(calls) == 2:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
             assert server.requests == 1, "the server has not answered the epoch's first call"
             go_bad(server, fault)
 
