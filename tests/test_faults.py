@@ -163,11 +163,6 @@ def test_a_full_disk_in_an_atomic_write_keeps_the_previous_file_and_no_temp_file
     assert list(tmp_path.iterdir()) == [target]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs lead: rsm_core.checkpoints.write_rank reuses an epoch folder as a killed attempt left "
-    "it, so the killed write's temp file outlives the resumed run's commit",
-)
 def test_rewriting_a_killed_checkpoint_leaves_no_temp_file(tmp_path) -> None:
     """The state a kill in epoch 2's checkpoint write leaves (the temp file of its first file, epoch 1
     committed), then the resumed run's write and commit of epoch 2."""
