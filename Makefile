@@ -102,3 +102,12 @@ clean-venv:  ## remove the virtual environment
 
 toy-assets: setup  ## retrain the toy's shipped denoisers with the paper's settings (~8 min)
 	$(PY) -m experiments.toy_assets
+
+CLUSTER     ?= local
+DRY_RUN     ?=
+.PHONY: all-baselines sweep-status
+all-baselines: setup  ## every trainable method, one matched budget (SCALE=smoke|tiny|paper CLUSTER=local|slurm DRY_RUN=1; docs/cluster.md)
+	$(PY) -m experiments.all_baselines --scale $(SCALE) --cluster $(CLUSTER) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(ARGS)
+
+sweep-status: setup  ## the all-baselines runs of SCALE: state, epochs, eval reward, GPU-hours, Slurm state
+	$(PY) -m experiments.sweep_status --scale $(SCALE) $(ARGS)
