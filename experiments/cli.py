@@ -6,10 +6,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from reward_models.geneval_server import RewardServerError
 from rsm_core.config import ConfigError
 from rsm_core.records import AssetError, IncompleteRunError, RunExistsError
 
-USER_ERRORS = (ConfigError, RunExistsError, IncompleteRunError, AssetError, FileNotFoundError)
+# a reward server that is down or answers garbage is the user's setup to fix, named in the message
+USER_ERRORS = (
+    ConfigError,
+    RunExistsError,
+    IncompleteRunError,
+    AssetError,
+    FileNotFoundError,
+    RewardServerError,
+)
 
 
 def run(main: Callable[[list[str] | None], None]) -> None:

@@ -117,19 +117,42 @@ def select(entries: list[Entry], only: list[str] | None) -> list[Entry]:
 
 def data_file(path: str) -> Path:
     """A data file as a config names it: an absolute path, or one relative to the cwd that exists, is
-    used as given; otherwise the name under the data root, where `make paper-data` puts it."""
+    used as given; otherwise the name under the data root, where `make paper-data` puts it. A file
+    under the data root is checked against its pinned or recorded sha256 (``verified``)."""
     given = Path(path).expanduser()
-    if given.is_file():
-        return given
     under_root = data_root() / given
-    if under_root.is_file():
-        return under_root
+    for candidate in (given, under_root):
+        if candidate.is_file():
+            return verified(candidate)
     looked = [given] if given.is_absolute() else [Path.cwd() / given, under_root]
     raise FileNotFoundError(
         f"data file {path!r} not found (looked at {', '.join(str(p) for p in looked)}); run "
         f"`make paper-data` to fetch the paper's data files into {data_root()} (${DATA_ENV}), or point "
         f"the config (e.g. prompts.train_file) at an existing file"
     )
+
+
+def verified(file: Path) -> Path:
+    """``file``, after checking it against the digest `make paper-data` pinned or recorded for it if it
+    lies under the data root: a file altered or damaged since it was fetched is an AssetError (the
+    next `make paper-data` fetches it again). Files elsewhere, or without a digest, are the user's."""
+    root = data_root().resolve()
+    if not file.resolve().is_relative_to(root):
+        return file
+    name = file.resolve().relative_to(root).as_posix()
+    pinned = {entry.name: entry.sha256 for entry in load_manifest().files if entry.sha256}
+    expected, where = pinned.get(name), f"pinned in {MANIFEST}"
+    if expected is None:
+        expected, where = read_sums(data_root()).get(name), f"recorded in {root / SUMS}"
+    if expected is None:
+        return file
+    actual = file_sha256(file)
+    if actual != expected:
+        raise AssetError(
+            f"{file} is altered or damaged: its sha256 is {actual}, {where} expects {expected}; run `make "
+            f"paper-data` to fetch it again"
+        )
+    return file
 
 
 def file_sha256(path: Path) -> str:

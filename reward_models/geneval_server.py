@@ -237,8 +237,11 @@ class GenEvalServerReward:
             chunk = images[start : start + self.batch_size]
             metas = list(meta[start : start + self.batch_size])
             body, content_type = encode_request(encode_jpegs(chunk), metas, only_strict, self.wire)
-            answer = decode_response(*self._post(body, content_type))
-            batches.append(validate_response(answer, keys, len(metas)))
+            reply = self._post(body, content_type)
+            try:
+                batches.append(validate_response(decode_response(*reply), keys, len(metas)))
+            except RewardServerError as err:  # said without the server's address, which a run log needs
+                raise self._unusable(err) from err
             sizes.append(len(metas))
         if not batches:
             return {key: {} if key in GROUP_KEYS else [] for key in keys}
@@ -270,6 +273,13 @@ class GenEvalServerReward:
         )
         with self._opener.open(request, timeout=self.timeout) as response:
             return response.read(), response.headers.get_content_type()
+
+    def _unusable(self, error: RewardServerError) -> RewardServerError:
+        return RewardServerError(
+            f"GenEval reward server at {self.url} sent an unusable answer: {error}. Check that {URL_ENV} "
+            "(or the run's geneval_url) names the GenEval reward server and that wire matches it "
+            "('pickle' for Flow-GRPO's app_geneval.py); its log shows what went wrong."
+        )
 
     def _failure(self, attempts: int, detail: str) -> RewardServerError:
         return RewardServerError(

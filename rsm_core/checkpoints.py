@@ -58,6 +58,8 @@ def write_rank(run_dir: Path, epoch: int, rank: int, save: Callable[[Path], None
     """Save this rank's state with ``save(path)`` (atomic) and record its epoch and hash beside it."""
     path = rank_file(run_dir, epoch, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".rank{rank}.*.tmp"):  # a write of this rank killed before its rename
+        stale.unlink(missing_ok=True)
     save(path)
     note = {"epoch": epoch, "file": path.relative_to(folder(run_dir)).as_posix(), "sha256": sha256(path)}
     atomic_write_text(path.with_suffix(".json"), json.dumps(note) + "\n")

@@ -72,7 +72,9 @@ class LoopConfig:
     budget_kind: BudgetKind = "epochs"
     budget_limit: float = 0.0
     # An update whose loss or gradient is NaN or inf is skipped (weights and AdamW state unchanged)
-    # and counted in the row's ``skipped_updates``; this many in a row stop the run with an error.
+    # and counted in the row's ``skipped_updates``; this many in a row stop the run with an error. The
+    # step counter and the EMA's schedule advance as for a step fp16 loss scaling skips (the EMA then
+    # averages unchanged weights), so a skip does not shift when later EMA updates fire.
     max_nonfinite_updates: int = 10
     # The first microbatch of an epoch is on-policy: its importance ratio must be 1. A deviation
     # beyond this (a rollout and a training forward in different precisions or batch layouts: the

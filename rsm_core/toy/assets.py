@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rsm_core.manifests import checked_file, git_restore, read_manifest
 from rsm_core.records import AssetError, atomic_write_text, load_tensors, save_tensors_atomic, sha256
 from rsm_core.toy.denoiser import ToyDenoiser
 
@@ -42,24 +43,31 @@ def save_denoisers(
     return directory / MANIFEST
 
 
+def _fix(directory: Path) -> str:
+    """How to restore the denoisers in ``directory``: git for the shipped folder, else retraining there."""
+    if Path(directory) == ASSET_DIR:
+        restore = f"restore them with `{git_restore(ASSET_DIR)}`, or retrain them with `make toy-assets`"
+    else:
+        restore = (
+            f"retrain them there with `python -m experiments.toy_assets --out {directory}` (`make "
+            "toy-assets` retrains the shipped ones)"
+        )
+    return f"{restore} (~8 min), or pass --retrain to train fresh networks for this run"
+
+
 def load_denoisers(settings: TrainSettings, directory: Path = ASSET_DIR) -> dict[str, ToyDenoiser]:
     """Load the shipped pair; refuse if a hash or the training settings differ from the manifest."""
-    manifest_path = directory / MANIFEST
-    fix = "run `make toy-assets` to rebuild them, or pass --retrain to train fresh networks for this run"
-    if not manifest_path.exists():
-        raise AssetError(f"no toy denoisers at {directory} (missing {MANIFEST}); {fix}")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["train"] != asdict(settings):
+    manifest_path = Path(directory) / MANIFEST
+    fix = _fix(directory)
+    manifest = read_manifest(manifest_path, fix)
+    if manifest.get("train") != asdict(settings):
         raise AssetError(
-            f"the shipped toy denoisers were trained with {manifest['train']}, but this run asks for "
+            f"the shipped toy denoisers were trained with {manifest.get('train')}, but this run asks for "
             f"{asdict(settings)}; {fix}"
         )
     models = {}
     for name in MODEL_NAMES:
-        entry = manifest["models"][name]
-        path = directory / entry["file"]
-        if not path.exists() or sha256(path) != entry["sha256"]:
-            raise AssetError(f"{path} is missing or its sha256 differs from {manifest_path}; {fix}")
+        path = checked_file(directory, manifest.get("models", {}).get(name), name, manifest_path, fix)
         model = ToyDenoiser()
         model.load_state_dict(load_tensors(path))
         models[name] = model.eval()

@@ -1,5 +1,6 @@
 """The tiny world's shipped weights: safetensors files plus a manifest (sha256 of each file, the
-command, the git sha, settings, timings and measured quality). Loading checks every hash.
+command, the git sha, settings, timings and measured quality). Loading checks every hash
+(rsm_core.manifests).
 
 The core loads what it owns — the text encoder (the tiny CLIP's text tower) and the two reference
 backbones; the learned rewards load their own files through ``load_state`` (reward_models.world).
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 
 from rsm_core.backbones.text import TinyTextEncoder
 from rsm_core.backbones.tiny import TinyDiffusion, TinyFlow
-from rsm_core.records import AssetError, atomic_write_text, load_tensors, save_tensors_atomic, sha256
+from rsm_core.manifests import checked_file, git_restore, read_manifest
+from rsm_core.records import atomic_write_text, load_tensors, save_tensors_atomic, sha256
 from rsm_core.world import prompts
 
 ASSET_DIR = Path(__file__).parent / "assets"
@@ -56,24 +58,23 @@ def build_backbones(text: TinyTextEncoder | None = None) -> Backbones:
 
 
 def _fix(directory: Path) -> str:
-    where = "" if directory == ASSET_DIR else f" in {directory}"
+    """How to restore the weights in ``directory``: git for the shipped folder, else retraining there."""
+    hour = "about an hour on 2 cores"
+    if Path(directory) == ASSET_DIR:
+        return (
+            f"restore them with `{git_restore(ASSET_DIR)}`, or retrain them with `make tiny-assets` ({hour})"
+        )
     return (
-        f"run `make tiny-assets` to retrain them{where} (about an hour on 2 cores), or restore them with git"
+        f'retrain them there with `make tiny-assets ARGS="--out {directory}"` ({hour}), or copy the '
+        f"shipped ones from {ASSET_DIR}"
     )
 
 
 def load_state(name: str, directory: Path = ASSET_DIR) -> dict[str, Tensor]:
     """The state dict of one shipped file (``FILES``), after checking its sha256 against the manifest."""
     manifest_path = Path(directory) / MANIFEST
-    if not manifest_path.exists():
-        raise AssetError(
-            f"the tiny world's weights are missing ({manifest_path} not found); {_fix(directory)}"
-        )
-    entry = json.loads(manifest_path.read_text())["files"][name]
-    path = Path(directory) / entry["file"]
-    if not path.exists() or sha256(path) != entry["sha256"]:
-        raise AssetError(f"{path} is missing or its sha256 differs from {manifest_path}; {_fix(directory)}")
-    return load_tensors(path)
+    files = read_manifest(manifest_path, _fix(directory)).get("files", {})
+    return load_tensors(checked_file(directory, files.get(name), name, manifest_path, _fix(directory)))
 
 
 def load_backbones(directory: Path = ASSET_DIR) -> Backbones:
@@ -119,7 +120,7 @@ def write_prompt_splits(directory: Path) -> dict[str, dict]:
 def world_fingerprint(directory: Path = ASSET_DIR) -> dict[str, str]:
     """The sha256 of each shipped weight file, from the manifest (loading checks the files against
     it): runs record it so results from a retrained world are never mistaken for the old world's."""
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = read_manifest(Path(directory) / MANIFEST, _fix(directory))
     return {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
 
 
