@@ -269,7 +269,12 @@ def wandb_runs(api: WandbApi, path: str, group: str, arms: Iterable[str]) -> tup
 
 
 def draw_figures(
-    figures: list[Figure], runs: Runs, figures_dir: Path, scale: str, sweep: Path | None = None
+    figures: list[Figure],
+    runs: Runs,
+    figures_dir: Path,
+    scale: str,
+    sweep: Path | None = None,
+    compute: str | None = None,
 ) -> list[Path]:
     """Each figure from the runs of its arms (arms in the figure's order, seeds ascending), drawn as
     its sweep draws it; with ``sweep`` (run directories) also its start | end image grid."""
@@ -279,7 +284,7 @@ def draw_figures(
         if not mine:
             print(f"{figure.name}: no finished run of its arms {list(figure.arms)}; not drawn")
             continue
-        paths += figure.draw(figure.frame(mine), figures_dir, scale, sweep)
+        paths += figure.draw(figure.frame(mine), figures_dir, scale, sweep, compute)
     if not paths:
         raise NoRunsError(f"no finished run of {[f.name for f in figures]}; nothing drawn")
     return paths
@@ -287,6 +292,8 @@ def draw_figures(
 
 def main(argv: list[str] | None = None, api: WandbApi | None = None) -> None:
     """``api``: the wandb API to read (default: ``wandb.Api()``)."""
+    from experiments.sweep import COMPUTE_AXES  # sweep imports this module: read it at call time
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -297,6 +304,11 @@ def main(argv: list[str] | None = None, api: WandbApi | None = None) -> None:
     parser.add_argument("--entity", help="wandb entity (default: $WANDB_ENTITY, else your default entity)")
     parser.add_argument("--project", help=f"wandb project (default: $WANDB_PROJECT, else {DEFAULT_PROJECT})")
     parser.add_argument("--figures-dir", type=Path, default=Path("results/figures"))
+    parser.add_argument(
+        "--x",
+        choices=sorted(COMPUTE_AXES),
+        help="the compute axis of the wall-clock panel (files end in _<x>; default: the figure's own)",
+    )
     sub = parser.add_subparsers(dest="command")
     toy = sub.add_parser("fig-toy", help="the toy value-gradient-estimator figure")
     toy.add_argument("run_dir", type=Path)
@@ -311,14 +323,14 @@ def main(argv: list[str] | None = None, api: WandbApi | None = None) -> None:
         runs, left_out = directory_runs(args.sweep, arms_of(figures))
         for note in left_out:
             print(f"left out, not complete: {note}")
-        paths = draw_figures(figures, runs, args.figures_dir, scale, args.sweep)
+        paths = draw_figures(figures, runs, args.figures_dir, scale, args.sweep, args.x)
     elif args.source == "wandb" and args.group:
         figures, scale = figures_of(args.group, args.figure)
         path = wandb_path(args.entity, args.project)
         runs, left_out = wandb_runs(api or wandb_api(), path, args.group, arms_of(figures))
         for note in left_out:
             print(f"left out, not finished: {note}")
-        paths = draw_figures(figures, runs, args.figures_dir, scale)
+        paths = draw_figures(figures, runs, args.figures_dir, scale, compute=args.x)
     else:
         parser.error("give --source runs --sweep DIR, --source wandb --group G, or fig-toy RUN_DIR")
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.plot import save_figure  # noqa: E402
 
-COLUMNS = ["arm", "seed", "epoch", "wallclock_h", "nfe", "kl", "reward", "train_reward"]
+COLUMNS = ["arm", "seed", "epoch", "wallclock_h", "gpu_hours", "nfe", "kl", "reward", "train_reward"]
 
 
 @dataclass
@@ -162,6 +162,7 @@ def frame(
                     "seed": seed,
                     "epoch": row["epoch"],
                     "wallclock_h": row["wallclock_h"],
+                    "gpu_hours": row.get("gpu_hours", float("nan")),  # runs before it was logged: none
                     "nfe": row["nfe"],
                     divergence: row["eval_kl"] if "eval_kl" in row else row["eval_drift"],
                     "reward": row["eval_reward"],
@@ -179,7 +180,7 @@ def frame(
 def _draw(ax: plt.Axes, part: pd.DataFrame, x: str, y: str, arm: str) -> None:
     """One arm: the mean over seeds at each evaluated epoch (x and y both averaged) and the band from
     the lowest to the highest seed."""
-    by_epoch = part.groupby("epoch")
+    by_epoch = part.groupby("epoch", as_index=False)
     mean = by_epoch.mean(numeric_only=True)
     low, high = by_epoch.min(numeric_only=True), by_epoch.max(numeric_only=True)
     label = f"{arm} ({part['seed'].nunique()} seeds)"
@@ -201,8 +202,19 @@ class Axis:
     title: str
 
 
+# The compute axes a figure's first panel can plot (`python -m experiments.plot --x ...`): what a
+# matched sweep's budget counts (rsm_core.budget.BUDGET_KINDS) and the published wall-clock.
+COMPUTE_AXES = {
+    "wallclock_h": Axis("wallclock_h", WALLCLOCK, "(a) reward vs wall-clock"),
+    "gpu_hours": Axis(
+        "gpu_hours", "GPU-hours of training\n(processes x training wall-clock)", "(a) reward vs GPU-hours"
+    ),
+    "nfe": Axis("nfe", "NFE\n(guided policy calls in rollouts, all processes)", "(a) reward vs NFE"),
+    "epoch": Axis("epoch", "epochs", "(a) reward vs epochs"),
+}
+
 PANELS = (
-    Axis("wallclock_h", WALLCLOCK, "(a) reward vs wall-clock"),
+    COMPUTE_AXES["wallclock_h"],
     Axis("kl", "KL to the reference\n(per element, summed over the trained steps)", "(b) reward vs KL"),
 )
 
@@ -239,7 +251,14 @@ class PanelRow:
     divergence_label: str
 
 
-def plot_rows(data: pd.DataFrame, stem: Path, title: str, ylabel: str, rows: list[PanelRow]) -> list[Path]:
+def plot_rows(
+    data: pd.DataFrame,
+    stem: Path,
+    title: str,
+    ylabel: str,
+    rows: list[PanelRow],
+    compute: str = "wallclock_h",
+) -> list[Path]:
     """Per row (a model family): y vs wall-clock, y vs its divergence (``kl_or_drift``); panels
     lettered (a), (b), (c), ... row by row as in the paper."""
     fig, axes = plt.subplots(
@@ -250,14 +269,18 @@ def plot_rows(data: pd.DataFrame, stem: Path, title: str, ylabel: str, rows: lis
             part = data[data["arm"] == arm]
             if part.empty:
                 continue
-            for ax, x in zip(axes[r], ("wallclock_h", "kl_or_drift"), strict=True):
+            for ax, x in zip(axes[r], (compute, "kl_or_drift"), strict=True):
                 _draw(ax, part, x, "reward", arm)
-        axes[r, 0].set_xlabel(WALLCLOCK)
+        axes[r, 0].set_xlabel(COMPUTE_AXES[compute].label)
         axes[r, 1].set_xlabel(row.divergence_label)
         for c, ax in enumerate(axes[r]):
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            kind = "wall-clock" if c == 0 else row.divergence_label.split("\n")[0]
+            kind = (
+                COMPUTE_AXES[compute].title.split(" vs ")[1]
+                if c == 0
+                else row.divergence_label.split("\n")[0]
+            )
             ax.set_title(f"({chr(97 + 2 * r + c)}) {row.name}: reward vs {kind}", fontsize=10)
         axes[r, 1].legend(fontsize=8, title="mean; band = seed min-max", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
@@ -290,17 +313,31 @@ class Figure:
         return frame(runs, self.extra, divergence="kl" if self.rows is None else "kl_or_drift")
 
     def draw(
-        self, data: pd.DataFrame, figures_dir: Path, scale: str, sweep: Path | None = None
+        self,
+        data: pd.DataFrame,
+        figures_dir: Path,
+        scale: str,
+        sweep: Path | None = None,
+        compute: str | None = None,
     ) -> list[Path]:
         """PNG, PDF and CSV under ``figures_dir`` (the tiny scale's at its top, the others' in <scale>/);
         with the ``sweep`` directory also <figure>_images.png, each arm's first seed's evaluation images
-        before and after training, where its runs saved them."""
-        stem = figures_dir / self.name if scale == "tiny" else figures_dir / scale / self.name
+        before and after training, where its runs saved them. ``compute``: a key of COMPUTE_AXES for
+        the wall-clock panel's x (files then end in _<compute>); None: the figure's own."""
+        name = self.name if compute is None else f"{self.name}_{compute}"
+        stem = figures_dir / name if scale == "tiny" else figures_dir / scale / name
         title = f"{self.title} ({scale})"
         if self.rows is None:
-            paths = plot_panels(data, stem, title, self.ylabel, self.y, self.panels)
+            panels = self.panels
+            if compute is not None:
+                panels = tuple(
+                    COMPUTE_AXES[compute] if p.column.startswith("wallclock") else p for p in panels
+                )
+            paths = plot_panels(data, stem, title, self.ylabel, self.y, panels)
         else:
-            paths = plot_rows(data, stem, title, self.ylabel, rows=self.rows)
+            paths = plot_rows(
+                data, stem, title, self.ylabel, rows=self.rows, compute=compute or "wallclock_h"
+            )
         first = {
             arm: run_name(arm, int(seed))
             for arm, seed in data.groupby("arm", sort=False)["seed"].min().items()

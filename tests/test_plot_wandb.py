@@ -184,3 +184,23 @@ def test_the_toy_figure_still_redraws_from_its_run(smoke_figures: Path, tmp_path
     plot.main(["fig-toy", str(smoke_figures / "runs" / "fig_toy-smoke"), "--out", str(tmp_path / "toy")])
     drawn = (smoke_figures / "figures" / "smoke" / "fig_toy.csv").read_text()
     assert (tmp_path / "toy.csv").read_text() == drawn
+
+
+@pytest.mark.parametrize("compute", ["gpu_hours", "nfe", "epoch"])
+def test_a_figure_can_plot_reward_against_any_compute_axis(tmp_path: Path, compute: str) -> None:
+    """The budget kinds of a matched sweep as the first panel's x: the rows keep every axis' column and
+    the drawn line follows the chosen one (here gpu_hours = 2 x wall-clock, 2 processes)."""
+    sweep = first_order_sweep(tmp_path)
+    for run_dir in sweep.iterdir():  # give the rows the GPU-hours a 2-process run logs
+        rows = read_metrics(run_dir, allow_incomplete=True)
+        text = "".join(json.dumps(row | {"gpu_hours": 2 * row["wallclock_h"]}) + "\n" for row in rows)
+        (run_dir / "metrics.jsonl").write_text(text)
+    plot.main(
+        ["--source", "runs", "--sweep", str(sweep), "--figures-dir", str(tmp_path / "out"), "--x", compute]
+    )
+    fig5 = plot.sweep_figures()["fig5"]
+    data = fig5.frame(plot.directory_runs(sweep, fig5.arms)[0])
+    assert (data["gpu_hours"] == 2 * data["wallclock_h"]).all()
+    written = tmp_path / "out" / "smoke" / f"fig5_{compute}.csv"
+    assert written.read_text() == data.to_csv(index=False)
+    assert (tmp_path / "out" / "smoke" / f"fig6_{compute}.png").stat().st_size > 0
