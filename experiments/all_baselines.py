@@ -61,7 +61,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from baselines import registry
 from baselines.method import Method
-from experiments import cluster, fig3, fig5, fig6, fig_zo_diffusion, fig_zo_flow, run_locks, sweep
+from experiments import (
+    cluster,
+    fig3,
+    fig5,
+    fig6,
+    fig_zo_diffusion,
+    fig_zo_flow,
+    image_grids,
+    run_locks,
+    sweep,
+)
 from experiments.cli import run as run_cli
 from experiments.run import RunConfig, run_inputs, scale_files, trainable_method
 from experiments.summary import write_summary
@@ -359,6 +369,23 @@ def array_name(sweep_dir: Path, gpus: int) -> str:
     return f"{sweep_dir.name}-{gpus}gpu" if gpus else f"{sweep_dir.name}-cpu"
 
 
+def image_grids_by_group(jobs: list[Job], figures_dir: Path) -> list[Path]:
+    """One image per figure or family: a row per method (its first seed's run), its evaluation images
+    before and after training side by side; methods whose run has not written both are left out."""
+    firsts: dict[str, dict[str, str]] = {}
+    for job in sorted(jobs, key=lambda job: job.spec.seed):
+        spec = job.spec
+        if image_grids.has_grids(spec.run_dir):
+            firsts.setdefault(spec.group, {}).setdefault(spec.method, spec.run)
+    written = []
+    for group, runs in firsts.items():
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)
+        out = figures_dir / f"{jobs[0].spec.sweep_dir.name}_{name}_images.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written.append(image_grids.figure_grid(jobs[0].spec.sweep_dir, runs, out))
+    return written
+
+
 def describe(
     jobs: list[Job], cfg: DictConfig, settings: cluster.ClusterConfig, where: str, say: Callable[[str], None]
 ) -> None:
@@ -545,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="sweep directory under --runs-dir (default: all_baselines-<scale>)")
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"))
     parser.add_argument("--table", type=Path, default=TABLE, help="the results table written after the sweep")
+    parser.add_argument(
+        "--figures-dir", type=Path, default=Path("results/figures"), help="where the image grids go"
+    )
     parser.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
     parser.add_argument(
         "--poll-seconds", type=float, default=30.0, help="slurm: how often to look at the jobs"
@@ -577,6 +607,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run_slurm(jobs, settings, not args.no_wait, args.poll_seconds, say)
     started_runs = any((job.spec.run_dir / "status.json").exists() for job in jobs)
     table = write_summary(sweep_dir, out=args.table) if started_runs else None
+    for grid in image_grids_by_group(jobs, args.figures_dir / ("" if args.scale == "tiny" else args.scale)):
+        say(f"evaluation images side by side: {grid}")
     report(results, sweep_dir, table, (time.perf_counter() - started) / 60, say)
 
 

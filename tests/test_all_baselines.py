@@ -356,6 +356,8 @@ def sweep_command(runs_dir: Path, *args: str) -> list[str]:
     ] + [
         "--table",
         str(table),
+        "--figures-dir",
+        str(runs_dir / "figures"),
         *args,
     ]
 
@@ -407,6 +409,9 @@ def test_two_sweeps_at_once_train_each_run_once_and_a_rerun_skips_them(two_sweep
         assert len(trained) == 1 and len(skipped) == 1
         assert (sweep_dir / "jobs" / f"{run}.yaml").exists()
     assert not list((sweep_dir / "locks").glob("*.lock"))
+    # one side-by-side image per figure: both methods are Figures 5/6's flow arms of different figures
+    grids = sorted(path.name for path in (sweep_dir.parent / "figures" / "smoke").glob("*_images.png"))
+    assert grids == ["all_baselines-smoke_fig5_images.png", "all_baselines-smoke_fig6_images.png"]
     rerun = subprocess.run(
         sweep_command(sweep_dir.parent, "--methods", CHEAP),
         cwd=REPO_ROOT,
