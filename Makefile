@@ -105,9 +105,10 @@ toy-assets: setup  ## retrain the toy's shipped denoisers with the paper's setti
 
 CLUSTER     ?= local
 DRY_RUN     ?=
+PLAN        ?=
 .PHONY: all-baselines sweep-status
-all-baselines: setup  ## every trainable method, one matched budget (SCALE=smoke|tiny|paper CLUSTER=local|slurm DRY_RUN=1; docs/cluster.md)
-	$(PY) -m experiments.all_baselines --scale $(SCALE) --cluster $(CLUSTER) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(ARGS)
+all-baselines: setup  ## every trainable method, one matched budget (SCALE=smoke|tiny|paper CLUSTER=local|slurm DRY_RUN=1 [PLAN=1]; docs/cluster.md)
+	$(PY) -m experiments.all_baselines --scale $(SCALE) --cluster $(CLUSTER) $(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(PLAN)),--plan) $(ARGS)
 
 sweep-status: setup  ## the all-baselines runs of SCALE: state, epochs, eval reward, GPU-hours, Slurm state
 	$(PY) -m experiments.sweep_status --scale $(SCALE) $(ARGS)

@@ -73,7 +73,7 @@ from experiments import (
     sweep,
 )
 from experiments.cli import run as run_cli
-from experiments.run import RunConfig, run_inputs, scale_files, trainable_method
+from experiments.run import PAPER_BACKBONES, RunConfig, run_inputs, scale_files, trainable_method
 from experiments.summary import write_summary
 from rsm_core.config import ConfigError, load_config, require
 from rsm_core.records import RunExistsError, RunRecord, atomic_write_text
@@ -386,9 +386,31 @@ def image_grids_by_group(jobs: list[Job], figures_dir: Path) -> list[Path]:
     return written
 
 
+def memory_column(jobs: list[Job]) -> dict[str, str]:
+    """Each paper-backbone job's per-GPU peak from `make plan`'s memory plan (its cached measurement,
+    else measured now: minutes per distinct network on the CPU), against its run.gpu_memory_gb."""
+    from experiments import plan as memory_plan
+
+    cells = {}
+    for job in jobs:
+        settings = OmegaConf.to_object(job.config)
+        if settings.model.backbone not in PAPER_BACKBONES:
+            continue
+        peak = memory_plan.plan(settings, memory_plan.measure(settings, use_cache=True, quiet=True)).peak
+        verdict = "fits" if peak <= settings.gpu_memory_gb else "DOES NOT FIT"
+        cells[job.spec.run] = f"{peak:.1f}/{settings.gpu_memory_gb:g} GiB {verdict}"
+    return cells
+
+
 def describe(
-    jobs: list[Job], cfg: DictConfig, settings: cluster.ClusterConfig, where: str, say: Callable[[str], None]
+    jobs: list[Job],
+    cfg: DictConfig,
+    settings: cluster.ClusterConfig,
+    where: str,
+    say: Callable[[str], None],
+    memory: dict[str, str] | None = None,
 ) -> None:
+    """The plan of a sweep; ``memory``: each job's per-GPU memory plan (``memory_column``)."""
     budget = cfg.budget
     unit = {"epochs": "epochs", "nfe": "NFE", "gpu_hours": "GPU-hours of training"}[budget.kind]
     methods = len({job.spec.method for job in jobs})
@@ -409,13 +431,15 @@ def describe(
         groups.setdefault(job.spec.group, []).append(job)
     for group, members in groups.items():
         say(f"\n{group}")
-        say(f"  {'run':<44} {'method':<36} {'GPUs':>4} {'GPU-hours':>10}")
+        header = f"  {'run':<44} {'method':<36} {'GPUs':>4} {'GPU-hours':>10}"
+        say(header + ("  memory per GPU (make plan)" if memory is not None else ""))
         subtotal = 0.0
         for job in members:
             hours = gpu_hours(job.spec, budget, settings, where)
             subtotal += hours or 0.0
             shown = f"{hours:10.1f}" if hours is not None else f"{'-':>10}"
-            say(f"  {job.spec.run:<44} {job.spec.method:<36} {job.spec.gpus or 'cpu':>4} {shown}")
+            line = f"  {job.spec.run:<44} {job.spec.method:<36} {job.spec.gpus or 'cpu':>4} {shown}"
+            say(line + (f"  {memory.get(job.spec.run, '-')}" if memory is not None else ""))
         say(f"  {group} total: {subtotal:.1f} GPU-hours")
         total += subtotal
     say(f"\ntotal: {len(jobs)} jobs, {sum(j.spec.gpus for j in jobs)} GPUs, {total:.1f} GPU-hours")
@@ -577,6 +601,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-wait", action="store_true", help="slurm: return once the jobs are submitted")
     parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="dry run: add each job's per-GPU memory plan (make plan's; minutes without its cache)",
+    )
+    parser.add_argument(
         "--poll-seconds", type=float, default=30.0, help="slurm: how often to look at the jobs"
     )
     parser.add_argument(
@@ -597,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = plan(cfg, args.scale, methods, sweep_dir, dict(os.environ), args.allow_cpu)
     say = lambda line: print(line, flush=True)  # noqa: E731
     if args.dry_run:
-        describe(jobs, cfg, settings, args.cluster, say)
+        describe(jobs, cfg, settings, args.cluster, say, memory_column(jobs) if args.plan else None)
         return
     prepare(jobs)
     started = time.perf_counter()

@@ -270,6 +270,19 @@ def test_a_slurm_dry_run_prints_gpu_hours_per_figure_and_each_array_script(tmp_p
     assert not (tmp_path / "all_baselines-paper").exists()
 
 
+@pytest.mark.slow
+def test_a_dry_run_with_the_plan_prints_each_jobs_memory_per_gpu(tmp_path, capsys) -> None:
+    """`make plan`'s per-GPU peak beside every paper job (a minute or more without plan's cache)."""
+    argv = ["--scale", "paper", "--cluster", "slurm", "--dry-run", "--plan", "--runs-dir", str(tmp_path)]
+    all_baselines.main([*argv, "--methods", "pcpo-reweight,residual-nabla-db", "--set", "seeds=[0]"])
+    out = capsys.readouterr().out
+    assert "memory per GPU (make plan)" in out
+    for run in ("pcpo-reweight-seed0", "residual-nabla-db-seed0"):
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(run)]
+        peak, budget = line.split()[-3].split("/")
+        assert 0 < float(peak) <= float(budget) == 24 and line.endswith("GiB fits")
+
+
 def test_an_epoch_budget_prints_the_time_limit_as_an_upper_bound(tmp_path, capsys) -> None:
     argv = ["--scale", "paper", "--cluster", "slurm", "--dry-run", "--runs-dir", str(tmp_path)]
     all_baselines.main(
