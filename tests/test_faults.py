@@ -115,7 +115,9 @@ def check_resumed(runs: Path, method: str, reference: list[dict], geneval: bool 
 @pytest.mark.parametrize(
     ("fault", "method"),
     [
-        ("kill-checkpoint", FIRST_ORDER),
+        # all slow (3 child runs each, 36 s or more): the fast suite kills a checkpoint write in
+        # test_rewriting_a_killed_checkpoint_leaves_no_temp_file and tests/test_preemption.py
+        pytest.param("kill-checkpoint", FIRST_ORDER, marks=slow),
         pytest.param("kill-reward", FIRST_ORDER, marks=slow),
         pytest.param("kill-eval", FIRST_ORDER, marks=slow),
         pytest.param("kill-reward", ZEROTH_ORDER, marks=slow),
