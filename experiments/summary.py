@@ -160,6 +160,11 @@ def summary_markdown(sweep_dir: Path, directions: Mapping[str, str] | None = Non
         if len(budgets) == 1
         else f"Budgets differ: {'; '.join(budgets)}.",
         "Values at each run's final evaluation: mean over seeds (min-max); n = complete seeds.",
+        *(
+            ["Methods with n < 3 have no seed spread to compare against: their differences are not results."]
+            if any(sum(r.method == c.method for r in complete) < 3 for c in complete)
+            else []
+        ),
         "",
         "| method | n | eval reward | KL / drift to the reference | NFE | GPU-hours | paper's direction |",
         "|---|---|---|---|---|---|---|",
