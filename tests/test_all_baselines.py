@@ -446,6 +446,7 @@ def test_a_run_another_live_job_holds_is_skipped_and_named(tmp_path: Path, capsy
     assert not (sweep_dir / "vgg-flow-linear-a-seed0").exists()
 
 
+@pytest.mark.slow  # make test stays under 10 minutes (measured 11:08 with it)
 def test_a_failed_job_is_reported_the_others_go_on_and_the_sweep_exits_non_zero(two_sweeps_at_once) -> None:
     sweep_dir, _ = two_sweeps_at_once
     fails = (

@@ -112,6 +112,7 @@ def test_assets_round_trip_and_refuse_altered_files(smoke_world, tmp_path) -> No
         load_world(tmp_path / "missing")
 
 
+@pytest.mark.slow  # make test stays under 10 minutes (measured 11:08 with it)
 def test_tiny_check_writes_the_report_and_figures(smoke_world, tmp_path) -> None:
     tiny_check.main(["--smoke", "--assets", str(smoke_world), "--results", str(tmp_path)])
     report = json.loads((tmp_path / "tables" / "tiny_check.json").read_text())
