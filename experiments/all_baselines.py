@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -311,6 +312,26 @@ def plan(
     return jobs
 
 
+def stale_ema_notes(jobs: list[Job], budget: DictConfig) -> list[str]:
+    """Runs whose evaluated weights would stop moving before an epoch budget ends. The published EMA
+    (loop.ema) moves only at every loop.ema_every-th optimizer step, and the final evaluation scores
+    the EMA: a budget between two of those steps shows an earlier epoch's weights as the last result."""
+    if budget.kind != "epochs":
+        return []
+    notes = []
+    for job in jobs:
+        loop = job.config.loop
+        steps = int(budget.value) * loop.updates_per_epoch
+        if loop.ema and steps % loop.ema_every:
+            last = steps - steps % loop.ema_every
+            notes.append(
+                f"{job.spec.run}: its final evaluation scores the EMA, which moves every {loop.ema_every} "
+                f"optimizer steps; {int(budget.value)} epochs x {loop.updates_per_epoch} steps = {steps}, so "
+                f"the last {steps - last} steps do not reach it (choose a budget of whole EMA periods)"
+            )
+    return notes
+
+
 def prepare(jobs: list[Job]) -> None:
     """Refuse a run directory that holds another config (or was trained on other inputs), then write
     each job's config to <sweep>/jobs/<run>.yaml, before any job starts."""
@@ -369,6 +390,12 @@ def array_name(sweep_dir: Path, gpus: int) -> str:
     return f"{sweep_dir.name}-{gpus}gpu" if gpus else f"{sweep_dir.name}-cpu"
 
 
+def file_stem(group: str) -> str:
+    """A group's name as a file-name part: "first-order diffusion (fig5 settings)" becomes
+    "first-order-diffusion-fig5-settings" (figure ids such as fig_zo_flow stay as they are)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", group).strip("-")
+
+
 def image_grids_by_group(jobs: list[Job], figures_dir: Path) -> list[Path]:
     """One image per figure or family: a row per method (its first seed's run), its evaluation images
     before and after training side by side; methods whose run has not written both are left out."""
@@ -379,8 +406,7 @@ def image_grids_by_group(jobs: list[Job], figures_dir: Path) -> list[Path]:
             firsts.setdefault(spec.group, {}).setdefault(spec.method, spec.run)
     written = []
     for group, runs in firsts.items():
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)
-        out = figures_dir / f"{jobs[0].spec.sweep_dir.name}_{name}_images.png"
+        out = figures_dir / f"{jobs[0].spec.sweep_dir.name}_{file_stem(group)}_images.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         written.append(image_grids.figure_grid(jobs[0].spec.sweep_dir, runs, out))
     return written
@@ -625,6 +651,8 @@ def main(argv: list[str] | None = None) -> None:
     sweep_dir = (args.runs_dir / (args.name or f"all_baselines-{args.scale}")).absolute()
     jobs = plan(cfg, args.scale, methods, sweep_dir, dict(os.environ), args.allow_cpu)
     say = lambda line: print(line, flush=True)  # noqa: E731
+    for note in stale_ema_notes(jobs, cfg.budget):
+        say(f"note: {note}")
     if args.dry_run:
         describe(jobs, cfg, settings, args.cluster, say, memory_column(jobs) if args.plan else None)
         return

@@ -77,6 +77,29 @@ def test_every_job_resolves_with_the_same_budget_and_its_figure_settings(scale: 
             assert OmegaConf.to_yaml(job.config) == OmegaConf.to_yaml(expected), job.spec.run
 
 
+def test_the_tiny_budget_ends_on_an_ema_update_and_a_budget_between_two_is_noted() -> None:
+    """At the tiny budget every EMA arm's last update reaches the weights it evaluates; at 6 epochs
+    (the EMA of the zeroth-order flow arms moves at epochs 4 and 8) the sweep names exactly those."""
+    cfg = all_baselines.load("tiny")
+    assert all_baselines.stale_ema_notes(jobs_of("tiny"), cfg.budget) == []
+    six = all_baselines.load("tiny", ["budget.value=6"])
+    jobs = jobs_of("tiny", ["budget.value=6"])
+    noted = {note.split(":")[0] for note in all_baselines.stale_ema_notes(jobs, six.budget)}
+    with_ema = {job.spec.run for job in jobs if job.config.loop.ema}
+    assert noted == with_ema and "tempflow-grpo-seed0" in noted and "vgg-flow-seed0" not in noted
+
+
+def test_every_group_of_the_tiny_sweep_names_its_image_file_plainly() -> None:
+    """The side-by-side image of a group is <sweep>_<group>_images.png with no spaces, brackets or
+    repeated separators, and no two groups share a file."""
+    groups = {job.spec.group for job in jobs_of("tiny", ["seeds=[0]"])}
+    stems = {all_baselines.file_stem(group) for group in groups}
+    assert len(stems) == len(groups)
+    assert "first-order-diffusion-fig5-settings" in stems and "fig_zo_flow" in stems
+    for stem in stems:
+        assert stem and all(c.isalnum() or c in "-_" for c in stem) and "--" not in stem, stem
+
+
 def test_every_method_of_a_figure_takes_its_settings_from_a_figure_arm_of_its_own() -> None:
     in_figures = {
         all_baselines.arm_method(items)
