@@ -322,12 +322,12 @@ def stale_ema_notes(jobs: list[Job], budget: DictConfig) -> list[str]:
     for job in jobs:
         loop = job.config.loop
         steps = int(budget.value) * loop.updates_per_epoch
-        if loop.ema and steps % loop.ema_every:
-            last = steps - steps % loop.ema_every
+        missed = steps % loop.ema_every
+        if loop.ema and missed:
             notes.append(
                 f"{job.spec.run}: its final evaluation scores the EMA, which moves every {loop.ema_every} "
                 f"optimizer steps; {int(budget.value)} epochs x {loop.updates_per_epoch} steps = {steps}, so "
-                f"the last {steps - last} steps do not reach it (choose a budget of whole EMA periods)"
+                f"the last {missed} steps do not reach it (choose a budget of whole EMA periods)"
             )
     return notes
 
